@@ -1,0 +1,17 @@
+"""bnjax: batch normalization for JAX and Flax, with explicit state.
+
+Public API:
+  batch_norm        the pure function: (y, new_stats) from x, scale, bias, stats.
+  BatchStats        NamedTuple(mean, var) of running statistics.
+  init_batch_stats  zeros/ones running statistics for a feature shape.
+  BatchNorm         Flax linen module, a drop-in for flax.linen.BatchNorm.
+
+Submodules (imported on demand): bnjax.data (Fashion-MNIST), bnjax.models
+(LeNet), bnjax.train (jitted training), bnjax.porting (PyTorch weights).
+"""
+
+from bnjax.functional import BatchStats, batch_norm, init_batch_stats
+from bnjax.linen import BatchNorm
+
+__all__ = ["BatchNorm", "BatchStats", "batch_norm", "init_batch_stats"]
+__version__ = "0.1.0"

@@ -1,0 +1,319 @@
+"""Batch normalization as a pure function with explicit running statistics.
+
+For an input ``x`` with feature axes ``F`` and reduction axes ``R`` (all the
+others), training mode computes per-feature batch statistics
+
+    mean = E_R[x],    var = E_R[(x - mean)^2]
+
+normalizes ``y = scale * (x - mean) / sqrt(var + epsilon) + bias`` and returns
+running statistics updated by an exponential moving average
+
+    new_running = momentum * running + (1 - momentum) * batch_statistic.
+
+Evaluation mode (``use_running_average=True``) normalizes by the running
+statistics and returns them unchanged. Nothing is mutated: the statistics go in
+and come out as a :class:`BatchStats` pytree, so the function composes with
+``jax.jit``, ``jax.grad``, ``jax.vmap``, ``shard_map`` and ``pmap``.
+
+Momentum follows the chapter and Flax. PyTorch's ``momentum`` is the weight of
+the *new* value, so ``torch momentum = 1 - bnjax momentum`` (PyTorch's default
+0.1 is bnjax's 0.9). PyTorch also updates the running variance with the
+unbiased batch variance; pass ``unbiased_running_var=True`` to do the same.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = int | Sequence[int]
+
+
+class BatchStats(NamedTuple):
+  """Running statistics of a batch-norm layer."""
+
+  mean: jax.Array  # [*feature_shape], starts at 0.
+  var: jax.Array  # [*feature_shape], starts at 1.
+
+
+def init_batch_stats(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) -> BatchStats:
+  """Returns the chapter's initial running statistics: mean 0, variance 1.
+
+  >>> init_batch_stats(3)
+  BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+  """
+  shape = (feature_shape,) if isinstance(feature_shape, numbers.Integral) else tuple(feature_shape)
+  return BatchStats(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
+
+
+def canonicalize_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
+  """Returns ``axis`` as a sorted tuple of non-negative axes, or raises ValueError."""
+  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  if not axes or not all(isinstance(a, numbers.Integral) for a in axes):
+    raise ValueError(f"`{name}` is {axis!r}, but should be an int or a non-empty tuple of ints.")
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f"`{name}` is {axis!r}, but the input has rank {ndim}, so each axis must lie in [{-ndim}, {ndim - 1}]."
+      )
+  canonical = tuple(sorted(int(a) % ndim for a in axes))
+  if len(set(canonical)) != len(canonical):
+    raise ValueError(f"`{name}` is {axis!r}, which names the same axis twice.")
+  return canonical
+
+
+def ema(running: jax.Array, batch: jax.Array, momentum: float | jax.Array) -> jax.Array:
+  """The chapter's moving average: ``momentum * running + (1 - momentum) * batch``."""
+  return (momentum * running + (1.0 - momentum) * batch).astype(running.dtype)
+
+
+def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
+  """Static checks: they read shapes and Python numbers only, so they cost nothing under jit."""
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  for name, value in (("scale", scale), ("bias", bias)):
+    if value is not None and tuple(jnp.shape(value)) != feature_shape:
+      raise ValueError(
+        f"`{name}` has shape {tuple(jnp.shape(value))}, but the input {tuple(x.shape)} has "
+        f"feature shape {feature_shape} on axes {feature_axes}; they must be equal."
+      )
+  if stats is not None:
+    if not isinstance(stats, BatchStats):
+      raise TypeError(f"`stats` is a {type(stats).__name__}, but should be a bnjax.BatchStats or None.")
+    for field in BatchStats._fields:
+      shape = tuple(jnp.shape(getattr(stats, field)))
+      if shape != feature_shape:
+        raise ValueError(
+          f"`stats.{field}` has shape {shape}, but the input {tuple(x.shape)} has feature "
+          f"shape {feature_shape} on axes {feature_axes}; they must be equal."
+        )
+  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
+    raise ValueError(f"`momentum` is {momentum}, but should lie in [0, 1].")
+  if isinstance(epsilon, numbers.Real) and not epsilon > 0.0:
+    raise ValueError(f"`epsilon` is {epsilon}, but should be positive.")
+
+
+def _local_moments(x, reduction_axes, mask):
+  """Per-feature (count, mean, M2 = sum of squared deviations) of this shard.
+
+  Shifted two-pass form: a first mean ``m1`` (which may carry float32
+  accumulation error when the data sit far from zero) is refined by the mean of
+  ``d = x - m1``; the variance comes from ``d``, whose values are of the order
+  of the spread, so nothing large is ever squared. This keeps float32 variance
+  accurate for e.g. mean 1e4, std 1, where ``E[x^2] - E[x]^2`` loses all digits.
+  """
+  if mask is None:
+    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), x.dtype)
+    m1 = lax.stop_gradient(jnp.mean(x, reduction_axes, keepdims=True))
+    d = x - m1
+    mean_d = jnp.mean(d, reduction_axes, keepdims=True)
+    mean_d2 = jnp.mean(d * d, reduction_axes)
+  else:
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    count = jnp.maximum(jnp.sum(mask, reduction_axes, dtype=x.dtype), 1.0)
+    count_k = jnp.expand_dims(count, reduction_axes)
+    m1 = lax.stop_gradient(jnp.sum(jnp.where(mask, x, 0.0), reduction_axes, keepdims=True) / count_k)
+    # Zero the masked positions before squaring so padding (even inf) never leaks into values or grads.
+    d = jnp.where(mask, x - m1, 0.0)
+    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / count_k
+    mean_d2 = jnp.sum(d * d, reduction_axes) / count
+  mean = jnp.squeeze(m1 + mean_d, reduction_axes)
+  var = jnp.maximum(mean_d2 - jnp.squeeze(mean_d, reduction_axes) ** 2, 0.0)
+  return count, mean, var * count
+
+
+def _fast_moments(x, reduction_axes, mask):
+  """Per-feature (count, sum, sum of squares): one fused pass, unstable when |mean| >> std."""
+  if mask is None:
+    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), x.dtype)
+    return count, jnp.sum(x, reduction_axes), jnp.sum(x * x, reduction_axes)
+  mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+  x = jnp.where(mask, x, 0.0)
+  count = jnp.maximum(jnp.sum(mask, reduction_axes, dtype=x.dtype), 1.0)
+  return count, jnp.sum(x, reduction_axes), jnp.sum(x * x, reduction_axes)
+
+
+def batch_moments(
+  x: jax.Array,
+  reduction_axes: tuple[int, ...],
+  *,
+  mask: jax.Array | None = None,
+  axis_name: str | None = None,
+  axis_index_groups: Any = None,
+  use_fast_variance: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-feature ``(mean, biased var, count)`` over ``reduction_axes`` (and ``axis_name``).
+
+  ``x`` should already be in the reduction dtype. Across a named axis the shards'
+  moments travel in one collective: a gather (as one ``psum``) of every shard's
+  (count, mean, M2), combined with Chan et al.'s formula for the stable
+  variance, or one ``psum`` of (count, sum, sum of squares) for the fast one.
+  """
+  if use_fast_variance:
+    count, s1, s2 = _fast_moments(x, reduction_axes, mask)
+    if axis_name is not None:
+      count, s1, s2 = lax.psum(
+        jnp.stack(jnp.broadcast_arrays(count, s1, s2)), axis_name, axis_index_groups=axis_index_groups
+      )
+    mean = s1 / count
+    return mean, jnp.maximum(s2 / count - mean * mean, 0.0), jnp.broadcast_to(count, mean.shape)
+
+  count, mean, m2 = _local_moments(x, reduction_axes, mask)
+  if axis_name is not None:
+    # A gather written as a psum: each shard fills its own row of a zero table. Unlike all_gather, the
+    # result is known to be replicated (shard_map's check needs that), and shards outside this shard's
+    # axis_index_groups group simply contribute rows with count 0.
+    row = jnp.stack(jnp.broadcast_arrays(count, mean, m2))
+    slot = jax.nn.one_hot(lax.axis_index(axis_name), lax.axis_size(axis_name), dtype=row.dtype)
+    shards = lax.psum(slot.reshape((-1,) + (1,) * row.ndim) * row, axis_name, axis_index_groups=axis_index_groups)
+    counts, means, m2s = shards[:, 0], shards[:, 1], shards[:, 2]
+    count = jnp.sum(counts, axis=0)
+    mean = jnp.sum(counts * means, axis=0) / count
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * (means - mean) ** 2, axis=0)
+  count = jnp.broadcast_to(count, mean.shape)
+  return mean, m2 / count, count
+
+
+def normalize(
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  feature_axes: tuple[int, ...],
+  epsilon: float,
+  dtype: Any,
+) -> jax.Array:
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with per-feature operands broadcast."""
+  bshape = [1] * x.ndim
+  for a in feature_axes:
+    bshape[a] = x.shape[a]
+
+  def expand(v):
+    return jnp.reshape(v, bshape)
+
+  compute = jnp.promote_types(x.dtype, mean.dtype)
+  mul = lax.rsqrt(var.astype(compute) + epsilon)
+  if scale is not None:
+    mul = mul * scale.astype(compute)
+  y = (x.astype(compute) - expand(mean.astype(compute))) * expand(mul)
+  if bias is not None:
+    y = y + expand(bias.astype(compute))
+  return y.astype(dtype)
+
+
+def batch_norm(
+  x: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  stats: BatchStats | None,
+  *,
+  use_running_average: bool,
+  axis: Axes = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: str | None = None,
+  axis_index_groups: Any = None,
+  mask: jax.Array | None = None,
+  use_fast_variance: bool = False,
+  unbiased_running_var: bool = False,
+  force_float32_reductions: bool = True,
+  dtype: Any = None,
+) -> tuple[jax.Array, BatchStats | None]:
+  """Batch-normalizes ``x`` and returns ``(y, new_stats)``.
+
+  Args:
+    x: floating-point input of rank >= 2.
+    scale: per-feature gamma with the feature shape, or None for no scaling.
+    bias: per-feature beta with the feature shape, or None for no shift.
+    stats: running :class:`BatchStats` with the feature shape. Required in
+      evaluation mode; may be None in training mode (then None is returned).
+    use_running_average: True for evaluation (normalize by ``stats``, return
+      them unchanged); False for training (normalize by batch statistics,
+      return updated running statistics). Always explicit.
+    axis: the feature axis or axes; every other axis is reduced. -1 is NHWC,
+      1 is NCHW.
+    momentum: weight of the old running value; ``torch momentum = 1 - momentum``.
+    epsilon: added to the variance before the square root.
+    axis_name: a mapped axis (vmap, pmap, shard_map) across which the batch
+      statistics are combined, in one collective.
+    axis_index_groups: subgroups of ``axis_name`` to combine separately.
+    mask: boolean array broadcastable to ``x``; False entries (e.g. padded
+      examples) are left out of the batch statistics.
+    use_fast_variance: opt in to ``E[x^2] - E[x]^2`` in one pass; it loses
+      precision when ``|mean| >> std``. The default is the stable form.
+    unbiased_running_var: update the running variance with the unbiased batch
+      variance ``var * n / (n - 1)``, as PyTorch does. Normalization always
+      uses the biased variance.
+    force_float32_reductions: compute statistics in at least float32 (so
+      bf16/fp16 inputs never overflow or lose the statistics).
+    dtype: dtype of ``y``; defaults to ``x.dtype``.
+
+  Returns:
+    ``(y, new_stats)``: ``y`` has the shape of ``x``; ``new_stats`` is the
+    updated :class:`BatchStats` in training mode and ``stats`` in evaluation.
+
+  Raises:
+    TypeError: non-floating ``x`` or ``stats`` of the wrong type.
+    ValueError: rank < 2, a bad ``axis``, shapes that do not match the feature
+      shape, ``momentum`` outside [0, 1], ``epsilon`` <= 0, or training-mode
+      statistics over a single value per feature.
+
+  >>> x = jnp.arange(12.0).reshape(4, 3)
+  >>> y, stats = batch_norm(x, jnp.ones(3), jnp.zeros(3), init_batch_stats(3),
+  ...                       use_running_average=False, momentum=0.9)
+  >>> jnp.round(stats.mean, 2)  # 0.9 * 0 + 0.1 * [4.5, 5.5, 6.5]
+  Array([0.45, 0.55, 0.65], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"`x` has dtype {x.dtype}, but batch norm needs a floating-point input.")
+  if x.ndim < 2:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but batch norm needs rank >= 2: "
+      "a batch axis and at least one feature axis."
+    )
+  feature_axes = canonicalize_axes(x.ndim, axis)
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  if not reduction_axes:
+    raise ValueError(f"`axis` is {axis!r}, which covers every axis of `x`; nothing is left to reduce over.")
+  _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon)
+  out_dtype = x.dtype if dtype is None else dtype
+
+  if use_running_average:
+    if stats is None:
+      raise ValueError("`stats` is None, but evaluation mode (use_running_average=True) normalizes by them.")
+    y = normalize(x, stats.mean, stats.var, scale, bias, feature_axes, epsilon, out_dtype)
+    return y, stats
+
+  if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so training-mode "
+      "statistics would be over a single value per feature (a batch of 1 with no spatial "
+      "dims): the variance is 0 and the output carries no information. Use a larger batch "
+      "or use_running_average=True."
+    )
+
+  reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
+  mean, var, count = batch_moments(
+    x.astype(reduce_dtype),
+    reduction_axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    use_fast_variance=use_fast_variance,
+  )
+  y = normalize(x, mean, var, scale, bias, feature_axes, epsilon, out_dtype)
+  if stats is None:
+    return y, None
+  running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
+  new_stats = BatchStats(
+    mean=ema(stats.mean, lax.stop_gradient(mean), momentum),
+    var=ema(stats.var, lax.stop_gradient(running_var), momentum),
+  )
+  return y, new_stats

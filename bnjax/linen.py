@@ -1,0 +1,134 @@
+"""`bnjax.BatchNorm`: a drop-in replacement for `flax.linen.BatchNorm`.
+
+The module only does bookkeeping (parameters, the ``batch_stats`` collection,
+the train/eval switch); the math is :func:`bnjax.batch_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes, initializers, module
+from flax.linen.module import Module, compact
+
+from bnjax.functional import BatchStats, batch_norm, canonicalize_axes
+
+Initializer = Any
+
+
+class BatchNorm(Module):
+  """BatchNorm Module with the fields, defaults and variable names of `flax.linen.BatchNorm`.
+
+  Parameters are ``params/{scale,bias}``, running statistics
+  ``batch_stats/{mean,var}`` (float32, starting at 0 and 1), all with the
+  feature shape, so checkpoints move between this module and Flax's unchanged.
+  As in Flax, the running statistics are not updated while the module is
+  initializing, and ``axis_name`` is ignored then.
+
+  Deliberate differences from Flax:
+
+  * ``use_fast_variance`` defaults to False: the variance is computed in a
+    numerically stable form (Flax's default ``E[x^2] - E[x]^2`` returns garbage
+    in float32 when ``|mean| >> std``, e.g. mean 1e4, std 1). Set it to True for
+    Flax's behaviour.
+  * ``unbiased_running_var`` (new, default False) updates the running variance
+    with the unbiased batch variance, as ``torch.nn.BatchNorm*`` does.
+
+  Attributes:
+    use_running_average: if True, normalize by the running statistics.
+    axis: the feature axis (or axes) of the input.
+    momentum: decay of the running averages (``torch momentum = 1 - momentum``).
+    epsilon: added to the variance to avoid dividing by zero.
+    dtype: the dtype of the result (default: inferred from input and params).
+    param_dtype: the dtype of the parameters.
+    use_bias: if True, add ``bias`` (beta).
+    use_scale: if True, multiply by ``scale`` (gamma).
+    bias_init: initializer for ``bias``.
+    scale_init: initializer for ``scale``.
+    axis_name: mapped axis over which to combine batch statistics.
+    axis_index_groups: subgroups of ``axis_name``.
+    use_fast_variance: opt in to the one-pass, less stable variance.
+    force_float32_reductions: compute statistics in at least float32.
+    unbiased_running_var: PyTorch-style unbiased running variance update.
+
+  >>> import jax, jax.numpy as jnp
+  >>> bn = BatchNorm(momentum=0.9)
+  >>> x = jnp.ones((4, 3))
+  >>> variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+  """
+
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any | None = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = False
+  force_float32_reductions: bool = True
+  unbiased_running_var: bool = False
+
+  @compact
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x`` by batch (training) or running (evaluation) statistics.
+
+    Args:
+      x: the input, rank >= 2.
+      use_running_average: overrides the field of the same name; exactly one
+        of the two must be set.
+      mask: boolean array broadcastable to ``x``; False entries are left out of
+        the batch statistics.
+
+    Returns:
+      The normalized input, with the shape of ``x``.
+    """
+    use_running_average = module.merge_param("use_running_average", self.use_running_average, use_running_average)
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+      raise ValueError(f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but BatchNorm needs rank >= 2.")
+    feature_axes = canonicalize_axes(x.ndim, self.axis)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+
+    initializing = self.is_initializing()
+    # Flax's output dtype rule: the promoted type of the input and the parameters unless `dtype` is set.
+    out_dtype = dtypes.canonicalize_dtype(*(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)
+    y, new_stats = batch_norm(
+      x,
+      scale,
+      bias,
+      BatchStats(ra_mean.value, ra_var.value),
+      use_running_average=use_running_average,
+      axis=feature_axes,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=None if initializing else self.axis_name,
+      axis_index_groups=None if initializing else self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      unbiased_running_var=self.unbiased_running_var,
+      force_float32_reductions=self.force_float32_reductions,
+      dtype=out_dtype,
+    )
+    if not use_running_average and not initializing:
+      ra_mean.value, ra_var.value = new_stats.mean, new_stats.var
+    return y

@@ -1,0 +1,18 @@
+"""Shared test setup.
+
+Several host CPU devices let the pmap/shard_map tests run on a CPU-only machine; the flag must be set
+before jax is first imported, which is why it lives here.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+  """A fresh, seeded NumPy generator per test."""
+  return np.random.default_rng(0)

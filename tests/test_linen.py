@@ -1,0 +1,159 @@
+"""`bnjax.BatchNorm` is a drop-in replacement for `flax.linen.BatchNorm`."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerance import assert_trees_close
+
+import bnjax
+
+
+def make_model(norm_cls, **norm_kwargs):
+  class Model(nn.Module):
+    """Dense/conv then batch norm twice, so the state of two layers has to line up."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+      norm = lambda: norm_cls(use_running_average=not train, momentum=0.9, **norm_kwargs)  # noqa: E731
+      if x.ndim == 4:
+        x = nn.Conv(4, (3, 3))(x)
+      else:
+        x = nn.Dense(5)(x)
+      x = nn.relu(norm()(x))
+      return norm()(x * 3.0 + 1.0)
+
+  return Model()
+
+
+@pytest.mark.parametrize("shape", [(16, 7), (8, 6, 6, 3)], ids=["2d", "4d"])
+def test_same_outputs_and_batch_stats_as_flax_in_train_and_eval(rng, shape):
+  x = (2.0 + 3.0 * rng.standard_normal(shape)).astype(np.float32)
+  theirs, ours = make_model(nn.BatchNorm, use_fast_variance=False), make_model(bnjax.BatchNorm)
+  variables = theirs.init(jax.random.key(0), x, train=True)
+  # Same tree, same shapes, same dtypes: a checkpoint of one loads into the other.
+  assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x, train=True)) == jax.tree_util.tree_structure(
+    variables
+  )
+  # Perturb the parameters so scale/bias are not the trivial 1/0.
+  variables = jax.tree_util.tree_map(lambda v: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype), variables)
+  for _ in range(3):  # several steps: the running statistics must keep agreeing
+    y_t, upd_t = theirs.apply(variables, x, train=True, mutable=["batch_stats"])
+    y_o, upd_o = ours.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert_trees_close((y_o, upd_o), (y_t, upd_t))
+    variables = {**variables, **upd_o}
+    x = x * 1.1 + 0.3
+  assert_trees_close(ours.apply(variables, x, train=False), theirs.apply(variables, x, train=False))
+
+
+def test_matches_flax_default_fast_variance_when_well_conditioned(rng):
+  x = rng.standard_normal((32, 6)).astype(np.float32)
+  theirs, ours = nn.BatchNorm(use_running_average=False), bnjax.BatchNorm(use_running_average=False)
+  variables = theirs.init(jax.random.key(0), x)
+  assert_trees_close(
+    ours.apply(variables, x, mutable=["batch_stats"]), theirs.apply(variables, x, mutable=["batch_stats"])
+  )
+
+
+def test_constructor_fields_and_defaults_follow_flax():
+  ours = {f.name: f.default for f in dataclasses.fields(bnjax.BatchNorm) if f.name not in ("parent", "name")}
+  theirs = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm) if f.name not in ("parent", "name")}
+  assert list(ours)[: len(theirs)] == list(theirs), "flax's fields, in flax's order, come first"
+  deliberate = {"use_fast_variance": False}  # documented difference: stable variance by default
+  for name, default in theirs.items():
+    assert ours[name] == deliberate.get(name, default), name
+  assert ours["unbiased_running_var"] is False
+
+
+def test_init_does_not_update_running_stats(rng):
+  x = (5.0 + rng.standard_normal((8, 3))).astype(np.float32)
+  variables = bnjax.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+
+
+def test_eval_needs_no_mutable_collection_and_changes_nothing(rng):
+  x = rng.standard_normal((8, 3)).astype(np.float32)
+  bn = bnjax.BatchNorm()
+  variables = bn.init(jax.random.key(0), x, use_running_average=True)
+  y = bn.apply(variables, x, use_running_average=True)
+  assert_trees_close(y, x / np.sqrt(1.0 + 1e-5))
+
+
+def test_use_running_average_must_be_given_exactly_once(rng):
+  x = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="use_running_average"):
+    bnjax.BatchNorm().init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="use_running_average"):
+    bnjax.BatchNorm(use_running_average=True).init(jax.random.key(0), x, use_running_average=True)
+
+
+@pytest.mark.parametrize(
+  "x_dtype,module_dtype,expected",
+  [
+    (jnp.bfloat16, None, jnp.float32),  # flax's rule: promote input with float32 params
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float16, jnp.float16),
+  ],
+)
+def test_output_dtype_follows_flax(x_dtype, module_dtype, expected):
+  x = jnp.asarray(np.random.default_rng(0).normal(100.0, 5.0, (64, 4)), x_dtype)
+  for cls in (bnjax.BatchNorm, nn.BatchNorm):
+    bn = cls(use_running_average=False, dtype=module_dtype)
+    variables = bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+    assert y.dtype == expected, cls
+    assert upd["batch_stats"]["var"].dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+def test_nchw_axis_and_no_scale_or_bias(rng):
+  x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+  bn = bnjax.BatchNorm(use_running_average=False, axis=1, use_scale=False, use_bias=False)
+  variables = bn.init(jax.random.key(0), x)
+  assert "params" not in variables and variables["batch_stats"]["mean"].shape == (3,)
+  flax_bn = nn.BatchNorm(use_running_average=False, axis=1, use_scale=False, use_bias=False, use_fast_variance=False)
+  assert_trees_close(
+    bn.apply(variables, x, mutable=["batch_stats"]), flax_bn.apply(variables, x, mutable=["batch_stats"])
+  )
+
+
+def test_mask_matches_flax(rng):
+  x = rng.standard_normal((10, 4)).astype(np.float32)
+  mask = (np.arange(10) < 7)[:, None]
+  ours = bnjax.BatchNorm(use_running_average=False)
+  theirs = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+  variables = ours.init(jax.random.key(0), x)
+  assert_trees_close(
+    ours.apply(variables, x, mask=mask, mutable=["batch_stats"]),
+    theirs.apply(variables, x, mask=mask, mutable=["batch_stats"]),
+  )
+
+
+def test_axis_name_is_ignored_during_init_and_used_in_apply(rng):
+  x = rng.standard_normal((2, 8, 3)).astype(np.float32)
+  bn = bnjax.BatchNorm(use_running_average=False, axis_name="batch", momentum=0.0)
+  variables = bn.init(jax.random.key(0), x[0])  # no mapped axis exists here
+  _, upd = jax.vmap(lambda x: bn.apply(variables, x, mutable=["batch_stats"]), axis_name="batch")(x)
+  assert_trees_close(upd["batch_stats"]["var"][0], x.reshape(16, 3).astype(np.float64).var(0))
+
+
+def test_unbiased_running_var_field(rng):
+  x = rng.standard_normal((5, 2)).astype(np.float32)
+  bn = bnjax.BatchNorm(use_running_average=False, momentum=0.0, unbiased_running_var=True)
+  _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  assert_trees_close(upd["batch_stats"]["var"], x.astype(np.float64).var(0, ddof=1))
+
+
+def test_rank_one_input_is_rejected_clearly():
+  with pytest.raises(ValueError, match=r"`x` has shape \(3,\) \(rank 1\)"):
+    bnjax.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones(3))
+
+
+def test_bad_momentum_is_rejected_clearly():
+  with pytest.raises(ValueError, match=r"`momentum` is 2.0"):
+    bnjax.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), jnp.ones((4, 3)))
