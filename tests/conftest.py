@@ -16,3 +16,13 @@ import pytest  # noqa: E402
 def rng():
   """A fresh, seeded NumPy generator per test."""
   return np.random.default_rng(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Reports the largest difference observed per parity check (tests/test_torch_parity.py)."""
+  from tolerance import MAX_DIFFS
+
+  if MAX_DIFFS:
+    terminalreporter.section("largest observed differences (max |a - b|)")
+    for check, diff in sorted(MAX_DIFFS.items()):
+      terminalreporter.write_line(f"{check:<60} {diff:.3e}")

@@ -1,0 +1,176 @@
+"""Fashion-MNIST: the original IDX files from a local directory, or tensorflow-datasets.
+
+Where the data come from, in order (``load_fashion_mnist(source="auto")``):
+
+1. the IDX files in ``data_dir``, else in ``$BNJAX_DATA_DIR``, else in the Debian package's
+   location ``/usr/share/datasets/fashion-mnist/`` (``apt-get install dataset-fashion-mnist``).
+   tensorflow-datasets cannot use those files: the package recompresses the ``.gz`` files, so
+   their checksums differ from the ones tfds registers, although the content is the real data set;
+2. tensorflow-datasets, when it has the data prepared (``$TFDS_DATA_DIR`` or
+   ``~/tensorflow_datasets``) or, with ``source="tfds"``, can download them.
+
+Everything read is validated (magic numbers, dimensions, counts, label range) before anything is
+returned, so a missing, truncated or corrupted file gives one :class:`DataError` that names the file
+and says how to get the data, never a half-loaded data set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+ENV_VAR = "BNJAX_DATA_DIR"
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+ROWS = COLS = 28
+NUM_CLASSES = 10
+FILES = {
+  "train_images": "train-images-idx3-ubyte",
+  "train_labels": "train-labels-idx1-ubyte",
+  "test_images": "t10k-images-idx3-ubyte",
+  "test_labels": "t10k-labels-idx1-ubyte",
+}
+FULL_COUNTS = {"train": 60000, "test": 10000}
+TEXT_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+HOW_TO_GET = (
+  "Get the original IDX files with `apt-get install dataset-fashion-mnist` (they land in "
+  f"{DEBIAN_DIR}), or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+  "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not) in a directory and "
+  f"pass it as --data-dir or ${ENV_VAR}."
+)
+
+
+class DataError(ValueError):
+  """The data set is missing or invalid; the message names the file and the fix."""
+
+
+class FashionMNIST(NamedTuple):
+  """The whole data set in memory: images float32 in [0, 1], NHWC; labels int32 in 0..9."""
+
+  train_images: np.ndarray  # [60000, 28, 28, 1]
+  train_labels: np.ndarray  # [60000]
+  test_images: np.ndarray  # [10000, 28, 28, 1]
+  test_labels: np.ndarray  # [10000]
+  source: str  # where it was read from, for logs
+
+
+def _find(directory: Path, stem: str) -> Path:
+  for name in (stem + ".gz", stem):
+    if (directory / name).is_file():
+      return directory / name
+  raise DataError(f"Fashion-MNIST file {stem}(.gz) is missing in {directory}. {HOW_TO_GET}")
+
+
+def _read_bytes(path: Path) -> bytes:
+  try:
+    if path.suffix == ".gz":
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    return path.read_bytes()
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    raise DataError(
+      f"{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupted. {HOW_TO_GET}"
+    ) from e
+
+
+def read_idx(path: Path, magic: int, expected_count: int | None = None) -> np.ndarray:
+  """Reads one IDX file (images: [N, 28, 28] uint8, labels: [N] uint8), checking its header."""
+  data = _read_bytes(path)
+  ndim = 3 if magic == IMAGE_MAGIC else 1
+  header = 4 * (1 + ndim)
+  if len(data) < header:
+    raise DataError(f"{path} is {len(data)} bytes long, shorter than an IDX header ({header} bytes). {HOW_TO_GET}")
+  found_magic, *dims = struct.unpack(f">{1 + ndim}I", data[:header])
+  if found_magic != magic:
+    kind = "images" if magic == IMAGE_MAGIC else "labels"
+    raise DataError(f"{path} has IDX magic number {found_magic}, but {kind} files have {magic}. {HOW_TO_GET}")
+  if ndim == 3 and tuple(dims[1:]) != (ROWS, COLS):
+    raise DataError(f"{path} holds images of {dims[1]}x{dims[2]} pixels, but Fashion-MNIST's are 28x28.")
+  if expected_count is not None and dims[0] != expected_count:
+    raise DataError(f"{path} says it holds {dims[0]} examples, but Fashion-MNIST's file holds {expected_count}.")
+  size = int(np.prod(dims))
+  if len(data) - header != size:
+    raise DataError(
+      f"{path} should hold {size} bytes after its header for shape {tuple(dims)}, but holds "
+      f"{len(data) - header}: the file is truncated or corrupted. {HOW_TO_GET}"
+    )
+  return np.frombuffer(data, np.uint8, size, header).reshape(dims)
+
+
+def load_idx_dir(directory: str | os.PathLike, *, expect_full: bool = True) -> FashionMNIST:
+  """Loads and validates the four IDX files in ``directory``.
+
+  Args:
+    directory: where the files are (``.gz`` or uncompressed).
+    expect_full: require the real data set's 60000/10000 examples; False accepts any count
+      (test fixtures, subsets) but still checks everything else.
+  """
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise DataError(f"Fashion-MNIST directory {directory} does not exist. {HOW_TO_GET}")
+  arrays = {}
+  for split in ("train", "test"):
+    count = FULL_COUNTS[split] if expect_full else None
+    images = read_idx(_find(directory, FILES[f"{split}_images"]), IMAGE_MAGIC, count)
+    labels_path = _find(directory, FILES[f"{split}_labels"])
+    labels = read_idx(labels_path, LABEL_MAGIC, count)
+    if len(images) != len(labels):
+      raise DataError(f"{directory}: the {split} split has {len(images)} images but {len(labels)} labels.")
+    if labels.size and labels.max() >= NUM_CLASSES:
+      raise DataError(f"{labels_path} holds label {int(labels.max())}, but Fashion-MNIST labels are 0..9.")
+    arrays[f"{split}_images"] = (images.astype(np.float32) / 255.0)[..., None]
+    arrays[f"{split}_labels"] = labels.astype(np.int32)
+  return FashionMNIST(**arrays, source=f"IDX files in {directory}")
+
+
+def load_tfds(data_dir: str | None = None, download: bool = False) -> FashionMNIST:
+  """Loads Fashion-MNIST through tensorflow-datasets (needs TensorFlow for ``as_dataset``)."""
+  try:
+    import tensorflow_datasets as tfds
+
+    splits = tfds.load(
+      "fashion_mnist", split=["train", "test"], batch_size=-1, as_supervised=True, data_dir=data_dir, download=download
+    )
+    (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+  except Exception as e:  # tfds raises many types: missing TF, missing data, failed download
+    raise DataError(f"tensorflow-datasets could not load fashion_mnist ({type(e).__name__}: {e}). {HOW_TO_GET}") from e
+  return FashionMNIST(
+    train_images=(train_x.astype(np.float32) / 255.0).reshape(-1, ROWS, COLS, 1),
+    train_labels=train_y.astype(np.int32),
+    test_images=(test_x.astype(np.float32) / 255.0).reshape(-1, ROWS, COLS, 1),
+    test_labels=test_y.astype(np.int32),
+    source="tensorflow-datasets",
+  )
+
+
+def _tfds_prepared(data_dir: str | None) -> bool:
+  root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
+  return any((root / "fashion_mnist").glob("*/dataset_info.json"))
+
+
+def load_fashion_mnist(
+  data_dir: str | os.PathLike | None = None, *, source: str = "auto", expect_full: bool = True
+) -> FashionMNIST:
+  """Loads Fashion-MNIST from the first place that has it (see the module docstring).
+
+  Args:
+    data_dir: a directory of IDX files (``source`` "auto"/"idx") or a TFDS data_dir ("tfds").
+    source: "auto", "idx" or "tfds".
+    expect_full: with IDX files, require the full 60000/10000 examples.
+  """
+  if source not in ("auto", "idx", "tfds"):
+    raise ValueError(f"`source` is {source!r}, but should be 'auto', 'idx' or 'tfds'.")
+  if source == "tfds":
+    return load_tfds(None if data_dir is None else str(data_dir), download=True)
+  directory = data_dir or os.environ.get(ENV_VAR)
+  if directory is not None or source == "idx":
+    return load_idx_dir(directory or DEBIAN_DIR, expect_full=expect_full)
+  if (DEBIAN_DIR / (FILES["train_images"] + ".gz")).is_file() or not _tfds_prepared(None):
+    return load_idx_dir(DEBIAN_DIR, expect_full=expect_full)
+  return load_tfds()

@@ -1,0 +1,72 @@
+"""The chapter's LeNet, with the normalization layer selectable: ours, Flax's, or none.
+
+    conv 6@5x5 - BN - sigmoid - avgpool 2 - conv 16@5x5 - BN - sigmoid - avgpool 2 - flatten -
+    dense 120 - BN - sigmoid - dense 84 - BN - sigmoid - dense 10
+
+Inputs are NHWC (N, 28, 28, 1) images. Weights use Xavier-uniform initialization, as the chapter's
+``train_ch6`` does; biases start at zero (PyTorch would draw them from a small uniform).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnjax.conv import Conv
+from bnjax.linen import BatchNorm
+
+NORMS = ("ours", "flax", "none")
+# The chapter's hyper-parameters: BatchNorm(..., eps=1e-5, momentum=0.9).
+CHAPTER_MOMENTUM = 0.9
+CHAPTER_EPSILON = 1e-5
+
+
+class LeNet(nn.Module):
+  """LeNet-5 as in D2L, optionally with batch normalization after every conv/dense but the last.
+
+  Attributes:
+    norm: "ours" (``bnjax.BatchNorm``), "flax" (``flax.linen.BatchNorm``) or "none".
+    num_classes: size of the output layer.
+    unbiased_running_var: with ``norm="ours"``, update running variances as PyTorch does (for
+      porting ``nn.BatchNorm2d/1d`` models exactly).
+    conv_impl: how convolutions are computed, see :class:`bnjax.conv.Conv` (same parameters either way).
+  """
+
+  norm: str = "ours"
+  num_classes: int = 10
+  unbiased_running_var: bool = False
+  conv_impl: str = "auto"
+
+  def setup(self):
+    if self.norm not in NORMS:
+      raise ValueError(f"`norm` is {self.norm!r}, but should be one of {NORMS}.")
+    if self.unbiased_running_var and self.norm != "ours":
+      raise ValueError(f"`unbiased_running_var=True` needs norm='ours', but `norm` is {self.norm!r}.")
+
+  def _norm(self, x, train: bool, name: str):
+    if self.norm == "none":
+      return x
+    kwargs = dict(use_running_average=not train, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, name=name)
+    if self.norm == "ours":
+      return BatchNorm(unbiased_running_var=self.unbiased_running_var, **kwargs)(x)
+    return nn.BatchNorm(**kwargs)(x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+      raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
+    kernel_init = nn.initializers.xavier_uniform()
+    x = Conv(6, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv1")(x)
+    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn1")), (2, 2), (2, 2))
+    x = Conv(16, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv2")(x)
+    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn2")), (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)  # NHWC flatten: (h, w, c) order, unlike PyTorch's (c, h, w)
+    x = nn.sigmoid(self._norm(nn.Dense(120, kernel_init=kernel_init, name="fc1")(x), train, "bn3"))
+    x = nn.sigmoid(self._norm(nn.Dense(84, kernel_init=kernel_init, name="fc2")(x), train, "bn4"))
+    return nn.Dense(self.num_classes, kernel_init=kernel_init, name="fc3")(x)
+
+
+def init_lenet(model: LeNet, key: jax.Array, batch_size: int = 2) -> dict:
+  """Returns the model's variables (``params`` and, with a norm, ``batch_stats``)."""
+  return model.init(key, jnp.zeros((batch_size, 28, 28, 1), jnp.float32), train=False)

@@ -1,0 +1,227 @@
+"""Parity with PyTorch: the chapter's own code and torch.nn.BatchNorm*, from one op to LeNet SGD steps.
+
+torch is imported unconditionally: without it this module fails to collect, loudly (no silent skip).
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_reference as chapter
+from tolerance import assert_close_and_record
+
+from bnjax import batch_norm, init_batch_stats
+from bnjax.models import LeNet
+from bnjax.porting import lenet_from_torch
+from bnjax.train import TrainState, summarize, train_step
+
+SEEDS = [0, 1, 2]
+SHAPES = [(32, 7), (16, 5, 6, 6)]  # (N, C) and (N, C, H, W), as in torch
+K_STEPS = 3
+CHAPTER_MOMENTUM, TORCH_MOMENTUM, EPS = 0.9, 0.1, 1e-5
+
+
+def to_nhwc(a):
+  return np.moveaxis(np.asarray(a), 1, -1)
+
+
+def from_nhwc(a):
+  return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def batches(seed, shape, k):
+  """k inputs with non-zero per-channel mean and non-unit variance, plus gamma/beta."""
+  rng = np.random.default_rng(seed)
+  bshape = [1, shape[1]] + [1] * (len(shape) - 2)
+  loc, spread = rng.normal(0, 3, bshape), rng.uniform(0.5, 4, bshape)
+  xs = [(loc + spread * rng.standard_normal(shape)).astype(np.float32) for _ in range(k)]
+  return xs, rng.uniform(0.5, 2, shape[1]).astype(np.float32), rng.normal(0, 1, shape[1]).astype(np.float32)
+
+
+def t(a):
+  return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCHW"])
+def test_train_steps_then_eval_match_torch_functional(seed, shape):
+  xs, gamma, beta = batches(seed, shape, K_STEPS + 1)
+  c = shape[1]
+  running_mean, running_var = torch.zeros(c), torch.ones(c)
+  stats_nchw = stats_nhwc = init_batch_stats(c)
+  kw = dict(momentum=CHAPTER_MOMENTUM, epsilon=EPS, unbiased_running_var=True)
+  for x in xs[:K_STEPS]:
+    y_t = F.batch_norm(t(x), running_mean, running_var, t(gamma), t(beta), True, TORCH_MOMENTUM, EPS)
+    y_a, stats_nchw = batch_norm(x, gamma, beta, stats_nchw, use_running_average=False, axis=1, **kw)
+    y_b, stats_nhwc = batch_norm(to_nhwc(x), gamma, beta, stats_nhwc, use_running_average=False, axis=-1, **kw)
+    assert_close_and_record("op F.batch_norm train output (axis=1)", y_a, y_t.numpy())
+    assert_close_and_record("op F.batch_norm train output (NHWC)", from_nhwc(y_b), y_t.numpy())
+  expected_stats = (running_mean.numpy(), running_var.numpy())
+  assert_close_and_record(f"op running stats after {K_STEPS} steps (unbiased)", tuple(stats_nchw), expected_stats)
+  assert_close_and_record(f"op running stats after {K_STEPS} steps (unbiased)", tuple(stats_nhwc), expected_stats)
+
+  x = xs[-1]
+  y_t = F.batch_norm(t(x), running_mean, running_var, t(gamma), t(beta), False, TORCH_MOMENTUM, EPS)
+  y_a, _ = batch_norm(x, gamma, beta, stats_nchw, use_running_average=True, axis=1, epsilon=EPS)
+  y_b, _ = batch_norm(to_nhwc(x), gamma, beta, stats_nhwc, use_running_average=True, epsilon=EPS)
+  assert_close_and_record("op F.batch_norm eval output", y_a, y_t.numpy())
+  assert_close_and_record("op F.batch_norm eval output", from_nhwc(y_b), y_t.numpy())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCHW"])
+def test_train_steps_then_eval_match_the_chapter_batch_norm(seed, shape):
+  xs, gamma, beta = batches(seed, shape, K_STEPS + 1)
+  bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
+  g, b = t(gamma.reshape(bshape)), t(beta.reshape(bshape))
+  moving_mean, moving_var = torch.zeros(bshape), torch.ones(bshape)
+  stats = init_batch_stats(shape[1])
+  for x in xs[:K_STEPS]:
+    y_t, moving_mean, moving_var = chapter.batch_norm(t(x), g, b, moving_mean, moving_var, EPS, CHAPTER_MOMENTUM)
+    y, stats = batch_norm(to_nhwc(x), gamma, beta, stats, use_running_average=False, momentum=CHAPTER_MOMENTUM)
+    assert_close_and_record("op chapter batch_norm train output", from_nhwc(y), y_t.numpy())
+  assert_close_and_record(
+    f"op chapter running stats after {K_STEPS} steps",
+    tuple(stats),
+    (moving_mean.numpy().reshape(-1), moving_var.numpy().reshape(-1)),
+  )
+  with torch.no_grad():  # the chapter's eval mode
+    y_t, _, _ = chapter.batch_norm(t(xs[-1]), g, b, moving_mean, moving_var, EPS, CHAPTER_MOMENTUM)
+  y, _ = batch_norm(xs[-1], gamma, beta, stats, use_running_average=True, axis=1)
+  assert_close_and_record("op chapter batch_norm eval output", y, y_t.numpy())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCHW"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradients_match_torch_autograd(seed, shape, train):
+  (x,), gamma, beta = batches(seed, shape, 1)
+  rng = np.random.default_rng(seed + 100)
+  proj = rng.standard_normal(shape).astype(np.float32)  # a random scalar projection of the output
+  rm, rv = rng.normal(0, 1, shape[1]).astype(np.float32), rng.uniform(0.5, 3, shape[1]).astype(np.float32)
+
+  xt, gt, bt = (t(a).requires_grad_(True) for a in (x, gamma, beta))
+  y = F.batch_norm(xt, t(rm).clone(), t(rv).clone(), gt, bt, train, TORCH_MOMENTUM, EPS)
+  (y * t(proj)).sum().backward()
+
+  def loss(x, gamma, beta, axis):
+    xin = jnp.moveaxis(x, 1, -1) if axis == -1 else x
+    y, _ = batch_norm(
+      jnp.asarray(xin),
+      gamma,
+      beta,
+      init_batch_stats(shape[1])._replace(mean=rm, var=rv),
+      use_running_average=not train,
+      axis=axis,
+      epsilon=EPS,
+    )
+    p = to_nhwc(proj) if axis == -1 else proj
+    return jnp.sum(y * p)
+
+  expected = (xt.grad.numpy(), gt.grad.numpy(), bt.grad.numpy())
+  for axis in (1, -1):
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), gamma, beta, axis)
+    assert_close_and_record(
+      f"op gradients wrt x, scale, bias ({'train' if train else 'eval'})", grads, expected, "framework"
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["BatchNorm1d", "BatchNorm2d"])
+def test_nn_batchnorm_modules_match(shape):
+  xs, gamma, beta = batches(7, shape, K_STEPS + 1)
+  module = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(shape[1])
+  with torch.no_grad():
+    module.weight.copy_(t(gamma))
+    module.bias.copy_(t(beta))
+  stats = init_batch_stats(shape[1])
+  for x in xs[:K_STEPS]:
+    y_t = module.train()(t(x)).detach().numpy()
+    y, stats = batch_norm(
+      x,
+      gamma,
+      beta,
+      stats,
+      use_running_average=False,
+      axis=1,
+      unbiased_running_var=True,
+      momentum=1 - module.momentum,
+      epsilon=module.eps,
+    )
+    assert_close_and_record("op nn.BatchNorm1d/2d train output", y, y_t)
+  assert_close_and_record(
+    "op nn.BatchNorm1d/2d running stats", tuple(stats), (module.running_mean.numpy(), module.running_var.numpy())
+  )
+  y_t = module.eval()(t(xs[-1])).detach().numpy()
+  assert_close_and_record(
+    "op nn.BatchNorm1d/2d eval output", batch_norm(xs[-1], gamma, beta, stats, use_running_average=True, axis=1)[0], y_t
+  )
+
+
+# --- model level: the chapter's two LeNets against ours, weights imported with bnjax.porting ----------
+
+VARIANTS = {
+  # name: (PyTorch net, our LeNet)
+  "scratch BN": (chapter.lenet_scratch_bn, LeNet(norm="ours")),
+  "nn.BatchNorm": (chapter.lenet_torch_bn, LeNet(norm="ours", unbiased_running_var=True)),
+}
+
+
+def fmnist_like_batch(seed, n=64):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(0, 1, (n, 1, 28, 28)).astype(np.float32) * (rng.uniform(0, 1, (n, 1, 1, 1)) > 0.2)
+  return images, rng.integers(0, 10, n).astype(np.int64)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lenet_logits_match_in_eval_and_train_mode(variant):
+  make_net, model = VARIANTS[variant]
+  net = chapter.init_like_train_ch6(make_net(), seed=0)
+  images, _ = fmnist_like_batch(0)
+  # Move the running statistics away from 0/1 first, so eval mode has something to match.
+  with torch.no_grad():
+    net.train()
+    net(t(fmnist_like_batch(1)[0]))
+  variables = lenet_from_torch(chapter.full_state_dict(net))
+  x = to_nhwc(images)
+
+  with torch.no_grad():  # eval: net.eval() for nn.BatchNorm, no_grad for the chapter's
+    expected_eval = net.eval()(t(images)).numpy()
+  assert_close_and_record(
+    f"LeNet eval logits ({variant})", model.apply(variables, x, train=False), expected_eval, "framework"
+  )
+  expected_train = copy.deepcopy(net).train()(t(images)).detach().numpy()
+  logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert_close_and_record(f"LeNet train logits ({variant})", logits, expected_train, "framework")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lenet_sgd_steps_match(variant):
+  """One and then five SGD steps (lr 1.0, as in the chapter): loss, parameters, running statistics."""
+  make_net, model = VARIANTS[variant]
+  net = chapter.init_like_train_ch6(make_net(), seed=1).train()
+  variables = lenet_from_torch(chapter.full_state_dict(net))
+  state = TrainState.create(
+    apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(1.0)
+  )
+  opt = torch.optim.SGD(net.parameters(), lr=1.0)
+  step = jax.jit(train_step)
+  for i in range(5):
+    images, labels = fmnist_like_batch(10 + i)
+    opt.zero_grad()
+    loss_t = F.cross_entropy(net(t(images)), t(labels))
+    loss_t.backward()
+    opt.step()
+    state, metrics = step(state, to_nhwc(images), labels.astype(np.int32))
+    after = lenet_from_torch(chapter.full_state_dict(net))
+    label, kind = ("1 step", "framework") if i == 0 else ("5 steps", "trajectory")
+    if i in (0, 4):
+      assert_close_and_record(f"LeNet loss after {label} ({variant})", summarize(metrics)["loss"], loss_t.item(), kind)
+      assert_close_and_record(f"LeNet params after {label} ({variant})", state.params, after["params"], kind)
+      assert_close_and_record(
+        f"LeNet running stats after {label} ({variant})", state.batch_stats, after["batch_stats"], kind
+      )
