@@ -26,3 +26,39 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("largest observed differences (max |a - b|)")
     for check, diff in sorted(MAX_DIFFS.items()):
       terminalreporter.write_line(f"{check:<60} {diff:.3e}")
+
+
+def write_idx(path, array, magic, compress=True):
+  """Writes `array` (uint8) as an IDX file, gzipped when `compress`."""
+  import gzip
+  import struct
+
+  payload = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + np.asarray(array, np.uint8).tobytes()
+  if compress:
+    with gzip.open(str(path) + ".gz", "wb") as f:
+      f.write(payload)
+  else:
+    with open(path, "wb") as f:
+      f.write(payload)
+
+
+def make_fmnist_dir(directory, n_train=512, n_test=128, seed=0, compress=True):
+  """A small, learnable Fashion-MNIST look-alike: each class is a bright bar at its own position."""
+  from bnjax import data
+
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  for split, n in (("train", n_train), ("test", n_test)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+      images[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 255
+    write_idx(directory / data.FILES[f"{split}_images"], images, data.IMAGE_MAGIC, compress)
+    write_idx(directory / data.FILES[f"{split}_labels"], labels, data.LABEL_MAGIC, compress)
+  return directory
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path):
+  """A directory of small synthetic Fashion-MNIST IDX files (gzipped)."""
+  return make_fmnist_dir(tmp_path / "fmnist")

@@ -1,0 +1,100 @@
+"""Fashion-MNIST loading: IDX parsing, validation with clear errors, and the real data set."""
+
+import gzip
+
+import numpy as np
+import pytest
+from conftest import make_fmnist_dir, write_idx
+
+from bnjax import data
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
+def test_loads_small_idx_files_as_float_nhwc_and_int_labels(tmp_path, compress):
+  d = make_fmnist_dir(tmp_path, n_train=40, n_test=12, compress=compress)
+  ds = data.load_idx_dir(d, expect_full=False)
+  assert ds.train_images.shape == (40, 28, 28, 1) and ds.test_images.shape == (12, 28, 28, 1)
+  assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
+  assert 0.0 <= ds.train_images.min() and ds.train_images.max() == 1.0
+  raw = np.frombuffer(
+    gzip.open(d / (data.FILES["train_images"] + ".gz")).read()[16:]
+    if compress
+    else (d / data.FILES["train_images"]).read_bytes()[16:],
+    np.uint8,
+  )
+  np.testing.assert_allclose(ds.train_images.reshape(-1), raw / 255.0, rtol=1e-6)
+
+
+def test_full_counts_are_required_by_default(fmnist_dir):
+  with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz says it holds 512 examples.*60000"):
+    data.load_idx_dir(fmnist_dir)
+
+
+def test_missing_file_names_it_and_says_how_to_get_the_data(fmnist_dir):
+  (fmnist_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+  with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte\(\.gz\) is missing.*apt-get install"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_missing_directory(tmp_path):
+  with pytest.raises(data.DataError, match=r"does not exist.*dataset-fashion-mnist"):
+    data.load_idx_dir(tmp_path / "nope")
+
+
+def test_truncated_file_is_reported_not_half_loaded(fmnist_dir):
+  path = fmnist_dir / "train-images-idx3-ubyte.gz"
+  payload = gzip.open(path).read()
+  with gzip.open(path, "wb") as f:
+    f.write(payload[:-100])
+  with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz should hold .* truncated or corrupted"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_truncated_gzip_stream(fmnist_dir):
+  path = fmnist_dir / "train-labels-idx1-ubyte.gz"
+  path.write_bytes(path.read_bytes()[:30])
+  with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte.gz cannot be read.*truncated or corrupted"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_not_gzip_at_all(fmnist_dir):
+  (fmnist_dir / "train-labels-idx1-ubyte.gz").write_bytes(b"<html>not found</html>")
+  with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte.gz cannot be read"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_wrong_magic_number(fmnist_dir):
+  write_idx(fmnist_dir / "t10k-images-idx3-ubyte", np.zeros((128, 28, 28)), 2049)
+  with pytest.raises(data.DataError, match=r"magic number 2049, but images files have 2051"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_label_out_of_range(fmnist_dir):
+  write_idx(fmnist_dir / "train-labels-idx1-ubyte", np.full(512, 10), data.LABEL_MAGIC)
+  with pytest.raises(data.DataError, match=r"holds label 10, but Fashion-MNIST labels are 0..9"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_image_and_label_counts_must_agree(fmnist_dir):
+  write_idx(fmnist_dir / "train-labels-idx1-ubyte", np.zeros(500), data.LABEL_MAGIC)
+  with pytest.raises(data.DataError, match=r"512 images but 500 labels"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_environment_variable_points_at_the_directory(fmnist_dir, monkeypatch):
+  monkeypatch.setenv(data.ENV_VAR, str(fmnist_dir))
+  assert len(data.load_fashion_mnist(expect_full=False).train_labels) == 512
+
+
+def test_bad_source_is_rejected():
+  with pytest.raises(ValueError, match=r"`source` is 'web'"):
+    data.load_fashion_mnist(source="web")
+
+
+def test_the_real_data_set_from_the_debian_package():
+  """CI installs dataset-fashion-mnist (.ci/setup); a missing package fails here, it does not skip."""
+  ds = data.load_fashion_mnist(data.DEBIAN_DIR, source="idx")
+  assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
+  assert np.bincount(ds.train_labels).tolist() == [6000] * 10
+  assert np.bincount(ds.test_labels).tolist() == [1000] * 10
+  assert 0.25 < ds.train_images.mean() < 0.35  # Fashion-MNIST's mean pixel is about 0.286

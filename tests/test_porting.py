@@ -1,0 +1,54 @@
+"""bnjax.porting without torch: layouts and error messages (numerical parity: test_torch_parity.py)."""
+
+import numpy as np
+import pytest
+
+from bnjax import porting
+
+
+def test_conv_kernel_goes_from_oihw_to_hwio():
+  w = np.arange(6 * 2 * 5 * 3, dtype=np.float32).reshape(6, 2, 5, 3)
+  out = porting.conv_from_torch({"c.weight": w, "c.bias": np.zeros(6)}, "c")
+  assert out["kernel"].shape == (5, 3, 2, 6) and out["kernel"][4, 1, 0, 5] == w[5, 0, 4, 1]
+
+
+def test_dense_after_flatten_reorders_chw_to_hwc():
+  w = np.random.default_rng(0).standard_normal((3, 2 * 4 * 5)).astype(np.float32)
+  out = porting.dense_from_torch({"f.weight": w, "f.bias": np.zeros(3)}, "f", flatten_chw=(2, 4, 5))
+  x_chw = np.random.default_rng(1).standard_normal((2, 4, 5)).astype(np.float32)
+  np.testing.assert_allclose(x_chw.transpose(1, 2, 0).reshape(-1) @ out["kernel"], w @ x_chw.reshape(-1), rtol=1e-5)
+
+
+def test_chapter_and_torch_batch_norm_names_are_both_understood():
+  chapter = {
+    "1.gamma": np.ones((1, 3, 1, 1)),
+    "1.beta": np.zeros((1, 3, 1, 1)),
+    "1.moving_mean": np.full((1, 3, 1, 1), 2.0),
+    "1.moving_var": np.full((1, 3, 1, 1), 3.0),
+  }
+  torch_style = {
+    "1.weight": np.ones(3),
+    "1.bias": np.zeros(3),
+    "1.running_mean": np.full(3, 2.0),
+    "1.running_var": np.full(3, 3.0),
+    "1.num_batches_tracked": np.array(7),
+  }
+  for sd in (chapter, torch_style):
+    params, stats = porting.batch_norm_from_torch(sd, "1")
+    assert params["scale"].shape == (3,) and stats["var"].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_missing_key_names_it_and_lists_what_is_there():
+  with pytest.raises(KeyError, match=r"no '0.bias'.*keys of that module: \['0.weight'\]"):
+    porting.conv_from_torch({"0.weight": np.zeros((6, 1, 5, 5))}, "0")
+
+
+def test_wrong_shapes_are_rejected():
+  with pytest.raises(ValueError, match=r"`0.weight` has shape \(6, 25\), but a Conv2d weight"):
+    porting.conv_from_torch({"0.weight": np.zeros((6, 25)), "0.bias": np.zeros(6)}, "0")
+  with pytest.raises(ValueError, match=r"flatten of \(16, 4, 4\) gives 256 inputs"):
+    porting.dense_from_torch({"9.weight": np.zeros((120, 400)), "9.bias": np.zeros(120)}, "9", (16, 4, 4))
+  with pytest.raises(ValueError, match=r"inconsistent feature counts"):
+    porting.batch_norm_from_torch(
+      {"1.weight": np.ones(3), "1.bias": np.zeros(3), "1.running_mean": np.zeros(4), "1.running_var": np.ones(3)}, "1"
+    )
