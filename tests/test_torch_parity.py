@@ -12,13 +12,13 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_reference as chapter
 from tolerance import assert_close_and_record
 
 from bnjax import batch_norm, init_batch_stats
 from bnjax.models import LeNet
 from bnjax.porting import lenet_from_torch
 from bnjax.train import TrainState, summarize, train_step
+from experiments import torch_lenet as chapter
 
 SEEDS = [0, 1, 2]
 SHAPES = [(32, 7), (16, 5, 6, 6)]  # (N, C) and (N, C, H, W), as in torch

@@ -1,4 +1,5 @@
-"""The chapter's PyTorch code (D2L "Batch Normalization"), kept unchanged in behaviour as the reference.
+"""The chapter's PyTorch code (D2L "Batch Normalization"), unchanged in behaviour: the parity reference and the
+benchmark's PyTorch rows. Needs torch (a test-only dependency; bnjax itself never imports it).
 
 Only the `d2l` import is gone (nothing from it is used here) and the comments are translated. The
 chapter chooses train/eval mode with `torch.is_grad_enabled()`: call it under `torch.no_grad()` for

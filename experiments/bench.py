@@ -1,0 +1,283 @@
+"""Side-by-side throughput: bnjax vs Flax's BatchNorm vs the chapter's PyTorch code, in one sitting.
+
+    python -m experiments.bench             # full: LeNet train loop + BN op at the chapter's shapes
+    python -m experiments.bench --quick     # a smoke test small enough for CI
+
+Model section: the chapter's LeNet at batch 256, float32, SGD lr 1.0, the same random
+Fashion-MNIST-sized data for every row. bnjax rows run ``bnjax.train.train_epoch`` (data on the
+device, on-device shuffle, scan-driven loop); PyTorch rows run the chapter's eager loop (forward,
+cross-entropy, backward, ``SGD.step``). Warm-up is excluded; the first (compiling) call is reported
+apart; figures are the median of ``--repeats`` timed runs of ``--steps`` steps.
+
+Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
+implementation must move (read x, write y; read x and dy, write dx: 5 x the tensor) and the achieved
+GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import batch_norm, init_batch_stats, train
+from bnjax.models import LeNet
+
+OP_SHAPES = [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84), (128, 56, 56, 64)]
+QUICK_OP_SHAPES = [(256, 8, 8, 16), (256, 84)]
+
+
+def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def try_import_torch():
+  try:
+    import torch
+
+    return torch
+  except ImportError:
+    return None
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    cores = "?"
+  return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores; jax {jax.__version__}"
+
+
+def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str):
+  """Returns ``(run, first_call_seconds)``: ``run()`` trains one pass over the data, warm."""
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+  state = train.create_train_state(LeNet(norm=norm), jax.random.key(0), 1.0)
+  t0 = time.perf_counter()
+  state, m = train.train_epoch(state, x, y, jax.random.key(0), batch_size, loop=loop)
+  jax.block_until_ready(m)
+  first = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def run():
+    holder["state"], m = train.train_epoch(holder["state"], x, y, jax.random.key(1), batch_size, loop=loop)
+    jax.block_until_ready(m)
+
+  run()  # warm-up
+  return run, first
+
+
+def setup_torch(torch, variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """Returns ``(run, first_call_seconds)`` for the chapter's PyTorch training loop."""
+  from torch import nn
+
+  from experiments.torch_lenet import lenet_scratch_bn, lenet_torch_bn
+
+  net = (lenet_scratch_bn if variant == "scratch" else lenet_torch_bn)()
+  for m in net.modules():
+    if type(m) in (nn.Linear, nn.Conv2d):
+      nn.init.xavier_uniform_(m.weight)
+  net.train()
+  opt = torch.optim.SGD(net.parameters(), lr=1.0)
+  loss_fn = nn.CrossEntropyLoss()
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  y = torch.from_numpy(labels.astype(np.int64))
+  n = len(y)
+
+  def run():
+    perm = torch.randperm(n)
+    for start in range(0, n, batch_size):
+      idx = perm[start : start + batch_size]
+      opt.zero_grad()
+      loss = loss_fn(net(x[idx]), y[idx])
+      loss.backward()
+      opt.step()
+
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  run()  # warm-up
+  return run, first
+
+
+def _jax_op_seconds(fn, x, scale, bias, dy, stats, repeats: int, inner: int) -> float:
+  """Median seconds of one jitted forward + backward (VJP) of ``fn(x, scale, bias, stats)``."""
+
+  @jax.jit
+  def fwd_bwd(x, scale, bias, dy, stats):
+    (_, new_stats), vjp = jax.vjp(lambda x, s, b: fn(x, s, b, stats), x, scale, bias)
+    return vjp((dy, jax.tree_util.tree_map(jnp.zeros_like, new_stats))), new_stats
+
+  args = [jnp.asarray(a) for a in (x, scale, bias, dy)] + [stats]
+  jax.block_until_ready(fwd_bwd(*args))
+
+  def run():
+    for _ in range(inner):
+      out = fwd_bwd(*args)
+    jax.block_until_ready(out)
+
+  return _median_time(run, repeats)[0] / inner
+
+
+def _torch_op_seconds(torch, x, dy, repeats: int, inner: int) -> float:
+  import torch.nn.functional as F
+
+  c = x.shape[-1]
+  xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).requires_grad_(True)
+  dyt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(dy, -1, 1)))
+  wt, bt = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+  rm, rv = torch.zeros(c), torch.ones(c)
+
+  def run():
+    for _ in range(inner):
+      xt.grad = wt.grad = bt.grad = None
+      F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5).backward(dyt)
+
+  run()
+  return _median_time(run, repeats)[0] / inner
+
+
+def bench_op_shape(torch, shape, repeats: int, inner: int) -> list[dict]:
+  """Forward + backward of each batch-norm implementation at one NHWC (or (N, C)) shape."""
+  import flax.linen as nn
+
+  rng = np.random.default_rng(0)
+  c = shape[-1]
+  x = (1.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+  dy = rng.standard_normal(shape).astype(np.float32)
+  scale, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+
+  def ours(x, scale, bias, stats):
+    return batch_norm(x, scale, bias, stats, use_running_average=False, momentum=0.9)
+
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+
+  def theirs(x, scale, bias, stats):
+    y, upd = flax_bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return y, upd["batch_stats"]
+
+  flax_stats = flax_bn.init(jax.random.key(0), x[:2])["batch_stats"]
+  seconds = {
+    "bnjax.batch_norm": _jax_op_seconds(ours, x, scale, bias, dy, init_batch_stats(c), repeats, inner),
+    "flax.linen.BatchNorm": _jax_op_seconds(theirs, x, scale, bias, dy, flax_stats, repeats, inner),
+  }
+  if torch is not None:
+    seconds["torch F.batch_norm (NCHW)"] = _torch_op_seconds(torch, x, dy, repeats, inner)
+  bytes_moved = 5 * x.size * 4
+  return [
+    {"shape": list(shape), "impl": name, "us": t * 1e6, "bytes": bytes_moved, "gb_per_s": bytes_moved / t / 1e9}
+    for name, t in seconds.items()
+  ]
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+  p.add_argument("--steps", type=int, default=None, help="train steps per timed repeat (default 60; quick 3)")
+  p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; quick 1)")
+  p.add_argument("--batch-size", type=int, default=256)
+  p.add_argument("--loop", choices=train.LOOPS, default="auto")
+  p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows")
+  p.add_argument("--no-ops", action="store_true", help="leave out the op-level section")
+  p.add_argument("--out", default=None, help="also write the results as JSON here")
+  args = p.parse_args(argv)
+  steps = args.steps or (3 if args.quick else 60)
+  repeats = args.repeats or (1 if args.quick else 5)
+  torch = None if args.no_torch else try_import_torch()
+
+  print(f"machine: {machine()}")
+  if torch is not None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+  elif not args.no_torch:
+    print("note: torch is not installed, so the PyTorch rows are skipped (pip install torch==2.13.0)")
+  n = steps * args.batch_size
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (n, 28, 28, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  print(f"\nLeNet train loop: batch {args.batch_size}, {steps} steps per repeat, median of {repeats}, float32")
+
+  bs = args.batch_size
+  setups = [
+    ("bnjax LeNet + bnjax.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop)),
+    ("bnjax LeNet + flax.linen.BatchNorm", lambda: setup_bnjax("flax", images, labels, bs, args.loop)),
+  ]
+  if torch is not None:
+    setups += [
+      ("PyTorch eager, chapter's scratch BatchNorm", lambda: setup_torch(torch, "scratch", images, labels, bs)),
+      ("PyTorch eager, nn.BatchNorm2d/1d", lambda: setup_torch(torch, "nn", images, labels, bs)),
+    ]
+  runners = [(name, *setup()) for name, setup in setups]
+  times = {name: [] for name, _, _ in runners}
+  # Round-robin repeats: a slow spell of a shared machine hits every row alike, not one row.
+  for _ in range(repeats):
+    for name, run, _ in runners:
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  rows = []
+  for name, _, first in runners:
+    median = statistics.median(times[name])
+    rows.append(
+      {
+        "name": name,
+        "seconds": median,
+        "all_seconds": times[name],
+        "first_call_seconds": first,
+        "examples_per_sec": n / median,
+      }
+    )
+  ref = next((r for r in rows if "nn.BatchNorm2d" in r["name"]), None)
+  print(f"{'':45s} {'examples/sec':>13s} {'vs torch nn.BN':>15s} {'first call (s)':>15s}")
+  for r in rows:
+    ratio = f"{r['examples_per_sec'] / ref['examples_per_sec']:.2f}x" if ref else "-"
+    r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
+    print(f"{r['name']:45s} {r['examples_per_sec']:13,.0f} {ratio:>15s} {r['first_call_seconds']:15.2f}")
+  ours_flax = rows[0]["examples_per_sec"] / rows[1]["examples_per_sec"]
+  print(f"bnjax.BatchNorm / flax.linen.BatchNorm throughput: {ours_flax:.3f}")
+
+  op_rows = []
+  if not args.no_ops:
+    shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
+    print("\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32)")
+    op_rows = [
+      row
+      for shape in shapes
+      for row in bench_op_shape(torch, shape, repeats=3 if args.quick else 7, inner=2 if args.quick else 20)
+    ]
+    print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'MB moved':>9s} {'GB/s':>7s}")
+    for r in op_rows:
+      print(
+        f"{'x'.join(map(str, r['shape'])):22s} {r['impl']:28s} {r['us']:10.1f} {r['bytes'] / 1e6:9.2f} "
+        f"{r['gb_per_s']:7.2f}"
+      )
+  result = {
+    "machine": machine(),
+    "steps": steps,
+    "repeats": repeats,
+    "batch_size": args.batch_size,
+    "model": rows,
+    "ops": op_rows,
+  }
+  if args.out:
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
