@@ -11,7 +11,6 @@ runs chunks of steps inside one ``lax.scan`` ("auto"). With the im2col convoluti
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -142,11 +141,12 @@ def train_epoch(
   perm = jax.random.permutation(key, images.shape[0])
   metrics = zero_metrics()
   plan = epoch_plan(images.shape[0], batch_size)
+  num_full = images.shape[0] // batch_size  # the plan's full batches come first
   i = 0
   while i < len(plan):
     start, size = plan[i]
     if loop == "scan" and size == batch_size:
-      n = min(scan_chunk, sum(1 for _, s in plan[i:] if s == batch_size))
+      n = min(scan_chunk, num_full - i)
       state, metrics = _jit_scan(state, metrics, images, labels, perm, start, batch_size=batch_size, num_steps=n)
     else:
       n = 1
@@ -176,4 +176,4 @@ def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, batch_size
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  return math.ceil(num_examples / batch_size)
+  return len(epoch_plan(num_examples, batch_size))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -55,12 +56,7 @@ def try_import_torch():
 def machine() -> str:
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
-  try:
-    import os
-
-    cores = len(os.sched_getaffinity(0))
-  except (AttributeError, OSError):
-    cores = "?"
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores; jax {jax.__version__}"
 
 
@@ -86,13 +82,9 @@ def setup_torch(torch, variant: str, images: np.ndarray, labels: np.ndarray, bat
   """Returns ``(run, first_call_seconds)`` for the chapter's PyTorch training loop."""
   from torch import nn
 
-  from experiments.torch_lenet import lenet_scratch_bn, lenet_torch_bn
+  from experiments.torch_lenet import init_like_train_ch6, lenet_scratch_bn, lenet_torch_bn
 
-  net = (lenet_scratch_bn if variant == "scratch" else lenet_torch_bn)()
-  for m in net.modules():
-    if type(m) in (nn.Linear, nn.Conv2d):
-      nn.init.xavier_uniform_(m.weight)
-  net.train()
+  net = init_like_train_ch6((lenet_scratch_bn if variant == "scratch" else lenet_torch_bn)(), seed=0).train()
   opt = torch.optim.SGD(net.parameters(), lr=1.0)
   loss_fn = nn.CrossEntropyLoss()
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -117,8 +117,8 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
   plt.close(fig)
 
 
-def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace, out: Path) -> dict:
-  """Trains one variant; returns its summary (final metrics, throughput, gamma/beta)."""
+def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace, out: Path) -> tuple[dict, list[dict]]:
+  """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history."""
   from tqdm.auto import tqdm
 
   out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace,
     print(f"beta  (bn1 bias):  {np.array2string(beta, precision=4)}")
     summary.update(gamma=gamma.tolist(), beta=beta.tolist())
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
-  return summary
+  return summary, history
 
 
 def comparison_table(summaries: list[dict]) -> str:
@@ -236,15 +236,15 @@ def main(argv=None) -> list[dict]:
   )
   out = Path(args.out)
   norms = list(models.NORMS) if args.bn == "all" else [args.bn]
-  summaries = [run_variant(norm, dataset, args, out / norm) for norm in norms]
+  summaries, histories = [], {}
+  for norm in norms:
+    summary, histories[norm] = run_variant(norm, dataset, args, out / norm)
+    summaries.append(summary)
   if len(summaries) > 1:
     table = comparison_table(summaries)
     print(table)
     (out / "comparison.md").write_text(table + "\n")
-    plot_curves(
-      {s["bn"]: json.loads((out / s["bn"] / "metrics.json").read_text())["epochs"] for s in summaries},
-      out / "comparison",
-    )
+    plot_curves(histories, out / "comparison")
   print(f"wrote {out.resolve()}")
   return summaries
 
