@@ -23,6 +23,7 @@ unbiased batch variance; pass ``unbiased_running_var=True`` to do the same.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -179,6 +180,11 @@ def batch_moments(
   return mean, m2 / count, count
 
 
+def _expand(v: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
+  """A per-feature array reshaped to broadcast against an input of rank ``ndim``."""
+  return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feature_axes))
+
+
 def normalize(
   x: jax.Array,
   mean: jax.Array,
@@ -189,22 +195,86 @@ def normalize(
   epsilon: float,
   dtype: Any,
 ) -> jax.Array:
-  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with per-feature operands broadcast."""
-  bshape = [1] * x.ndim
-  for a in feature_axes:
-    bshape[a] = x.shape[a]
-
-  def expand(v):
-    return jnp.reshape(v, bshape)
-
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with given (running) statistics."""
   compute = jnp.promote_types(x.dtype, mean.dtype)
   mul = lax.rsqrt(var.astype(compute) + epsilon)
   if scale is not None:
     mul = mul * scale.astype(compute)
-  y = (x.astype(compute) - expand(mean.astype(compute))) * expand(mul)
+  y = (x.astype(compute) - _expand(mean.astype(compute), x.ndim, feature_axes)) * _expand(mul, x.ndim, feature_axes)
   if bias is not None:
-    y = y + expand(bias.astype(compute))
+    y = y + _expand(bias.astype(compute), x.ndim, feature_axes)
   return y.astype(dtype)
+
+
+def normalize_by_batch(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  reduction_axes: tuple[int, ...],
+  epsilon: float,
+  *,
+  mask: jax.Array | None = None,
+  axis_name: str | None = None,
+  axis_index_groups: Any = None,
+  use_fast_variance: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(y, mean, var, count)``: ``y = scale * xhat + bias`` with ``xhat`` standardized by batch statistics.
+
+  Differentiation uses the closed form, as a custom JVP so forward and reverse mode both work:
+
+      dy = xhat dscale + dbias + k (dx - E[dx] - xhat E[xhat dx]),   k = scale * rsqrt(var + epsilon)
+
+  with ``E`` the (masked, cross-device) batch mean. The per-feature factor ``k`` is applied after
+  each batch mean, so the transpose (the backward pass) needs only ``sum(dy)`` and
+  ``sum(dy * xhat)``, the same two reductions that give the bias and scale gradients, and one
+  elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic would add several
+  more passes over the activations.
+  """
+  moments = functools.partial(
+    batch_moments,
+    reduction_axes=reduction_axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    use_fast_variance=use_fast_variance,
+  )
+  feature_axes = tuple(a for a in range(x.ndim) if a not in reduction_axes)
+  full_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+
+  def per_feature(v):
+    return _expand(v, x.ndim, feature_axes)
+
+  def batch_mean(v, count):
+    if full_mask is not None:
+      v = jnp.where(full_mask, v, 0.0)
+    total = jnp.sum(v, reduction_axes)
+    if axis_name is not None:
+      total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
+    return total / count
+
+  def primal(x, scale, bias):
+    mean, var, count = moments(x)
+    r = lax.rsqrt(var + epsilon)
+    xhat = (x - per_feature(mean)) * per_feature(r)
+    return xhat * per_feature(scale) + per_feature(bias), mean, var, count, xhat, r
+
+  @jax.custom_jvp
+  def normalize(x, scale, bias):
+    return primal(x, scale, bias)[:4]
+
+  @normalize.defjvp
+  def normalize_jvp(primals, tangents):
+    (x, scale, bias), (dx, dscale, dbias) = primals, tangents
+    y, mean, var, count, xhat, r = primal(x, scale, bias)
+    k = scale * r
+    dmean = batch_mean(dx, count)
+    xhat_dx = batch_mean(xhat * dx, count)
+    dy = xhat * per_feature(dscale) + per_feature(dbias)
+    dy = dy + per_feature(k) * dx - per_feature(k * dmean) - xhat * per_feature(k * xhat_dx)
+    dvar = 2.0 * xhat_dx / r  # d E[(x - mean)^2] = 2 E[(x - mean) dx], and x - mean = xhat / r
+    return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
+
+  return normalize(x, scale, bias)
 
 
 def batch_norm(
@@ -300,15 +370,20 @@ def batch_norm(
     )
 
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
-  mean, var, count = batch_moments(
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  # Absent scale/bias act as 1/0; their tangents are symbolic zeros, so they cost nothing.
+  y, mean, var, count = normalize_by_batch(
     x.astype(reduce_dtype),
+    jnp.ones(feature_shape, reduce_dtype) if scale is None else jnp.asarray(scale).astype(reduce_dtype),
+    jnp.zeros(feature_shape, reduce_dtype) if bias is None else jnp.asarray(bias).astype(reduce_dtype),
     reduction_axes,
+    epsilon,
     mask=mask,
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
     use_fast_variance=use_fast_variance,
   )
-  y = normalize(x, mean, var, scale, bias, feature_axes, epsilon, out_dtype)
+  y = y.astype(out_dtype)
   if stats is None:
     return y, None
   running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
