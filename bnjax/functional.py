@@ -269,8 +269,10 @@ def normalize_by_batch(
     k = scale * r
     dmean = batch_mean(dx, count)
     xhat_dx = batch_mean(xhat * dx, count)
+    # Only additions, with each per-feature factor (and sign) inside per_feature(...): the transpose
+    # then reduces exactly sum(ct) and sum(xhat * ct), which XLA shares with the bias/scale gradients.
     dy = xhat * per_feature(dscale) + per_feature(dbias)
-    dy = dy + per_feature(k) * dx - per_feature(k * dmean) - xhat * per_feature(k * xhat_dx)
+    dy = dy + per_feature(k) * dx + per_feature(-k * dmean) + xhat * per_feature(-k * xhat_dx)
     dvar = 2.0 * xhat_dx / r  # d E[(x - mean)^2] = 2 E[(x - mean) dx], and x - mean = xhat / r
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
 
