@@ -17,6 +17,7 @@ and says how to get the data, never a half-loaded data set.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -51,7 +52,7 @@ class DataError(ValueError):
 
 
 class FashionMNIST(NamedTuple):
-  """The whole data set in memory: images float32 in [0, 1], NHWC; labels int32 in 0..9."""
+  """The whole data set in memory: images NHWC, float32 in [0, 1] (or raw uint8); labels int32 in 0..9."""
 
   train_images: np.ndarray  # [60000, 28, 28, 1]
   train_labels: np.ndarray  # [60000]
@@ -67,69 +68,108 @@ def _find(directory: Path, stem: str) -> Path:
   raise DataError(f"Fashion-MNIST file {stem}(.gz) is missing in {directory}. {HOW_TO_GET}")
 
 
-def _read_bytes(path: Path) -> bytes:
-  try:
-    if path.suffix == ".gz":
-      with gzip.open(path, "rb") as f:
-        return f.read()
-    return path.read_bytes()
-  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-    raise DataError(
-      f"{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupted. {HOW_TO_GET}"
-    ) from e
+def _open(path: Path):
+  return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_idx(path: Path, magic: int, expected_count: int | None = None) -> np.ndarray:
-  """Reads one IDX file (images: [N, 28, 28] uint8, labels: [N] uint8), checking its header."""
-  data = _read_bytes(path)
+def _unreadable(path: Path, e: Exception) -> DataError:
+  return DataError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupted. {HOW_TO_GET}")
+
+
+def read_idx(path: Path, magic: int, expected_count: int | None = None, max_count: int | None = None) -> np.ndarray:
+  """Reads one IDX file (images: [N, 28, 28] uint8, labels: [N] uint8), checking it while streaming.
+
+  The header is read and checked first (magic, dimensions, count, at most ``max_count`` examples),
+  then exactly the payload it announces; a file that holds more is rejected there. A crafted
+  ``.gz`` (a small file that inflates to gigabytes) is therefore never decompressed past the size a
+  valid file can have.
+  """
   ndim = 3 if magic == IMAGE_MAGIC else 1
-  header = 4 * (1 + ndim)
-  if len(data) < header:
-    raise DataError(f"{path} is {len(data)} bytes long, shorter than an IDX header ({header} bytes). {HOW_TO_GET}")
-  found_magic, *dims = struct.unpack(f">{1 + ndim}I", data[:header])
-  if found_magic != magic:
-    kind = "images" if magic == IMAGE_MAGIC else "labels"
-    raise DataError(f"{path} has IDX magic number {found_magic}, but {kind} files have {magic}. {HOW_TO_GET}")
-  if ndim == 3 and tuple(dims[1:]) != (ROWS, COLS):
-    raise DataError(f"{path} holds images of {dims[1]}x{dims[2]} pixels, but Fashion-MNIST's are 28x28.")
-  if expected_count is not None and dims[0] != expected_count:
-    raise DataError(f"{path} says it holds {dims[0]} examples, but Fashion-MNIST's file holds {expected_count}.")
-  size = int(np.prod(dims))
-  if len(data) - header != size:
+  header_len = 4 * (1 + ndim)
+  try:
+    with _open(path) as f:
+      header = f.read(header_len)
+      if len(header) < header_len:
+        raise DataError(
+          f"{path} is {len(header)} bytes long, shorter than an IDX header ({header_len} bytes). {HOW_TO_GET}"
+        )
+      found_magic, *dims = struct.unpack(f">{1 + ndim}I", header)
+      if found_magic != magic:
+        kind = "images" if magic == IMAGE_MAGIC else "labels"
+        raise DataError(f"{path} has IDX magic number {found_magic}, but {kind} files have {magic}. {HOW_TO_GET}")
+      if ndim == 3 and tuple(dims[1:]) != (ROWS, COLS):
+        raise DataError(f"{path} holds images of {dims[1]}x{dims[2]} pixels, but Fashion-MNIST's are 28x28.")
+      if expected_count is not None and dims[0] != expected_count:
+        raise DataError(
+          f"{path} says it holds {dims[0]} examples, but Fashion-MNIST's file holds {expected_count} "
+          "(pass --allow-partial-data, or expect_full=False, to accept a subset)."
+        )
+      if max_count is not None and dims[0] > max_count:
+        raise DataError(f"{path} says it holds {dims[0]} examples, more than Fashion-MNIST's {max_count}.")
+      size = math.prod(dims)
+      payload = np.empty(size, np.uint8)
+      got = f.readinto(memoryview(payload))
+      extra = len(f.read(1))
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    raise _unreadable(path, e) from e
+  if got != size or extra:
+    held = f"{got}" if not extra else f"more than {size}"
     raise DataError(
       f"{path} should hold {size} bytes after its header for shape {tuple(dims)}, but holds "
-      f"{len(data) - header}: the file is truncated or corrupted. {HOW_TO_GET}"
+      f"{held}: the file is truncated or corrupted. {HOW_TO_GET}"
     )
-  return np.frombuffer(data, np.uint8, size, header).reshape(dims)
+  return payload.reshape(dims)
 
 
-def load_idx_dir(directory: str | os.PathLike, *, expect_full: bool = True) -> FashionMNIST:
+PIXELS = ("float32", "uint8")
+
+
+def scale_pixels(images: np.ndarray, pixels: str) -> np.ndarray:
+  """uint8 [N, 28, 28] -> NHWC ``[N, 28, 28, 1]``: float32 in [0, 1] (``x / 255``), or the raw uint8.
+
+  uint8 keeps a quarter of the memory; :mod:`bnjax.train` scales uint8 batches the same way on the
+  device. The float32 division is done in place: a second 188 MB temporary costs more than the math.
+  """
+  if pixels not in PIXELS:
+    raise ValueError(f"`pixels` is {pixels!r}, but should be one of {PIXELS}.")
+  images = images.reshape(*images.shape, 1)
+  if pixels == "uint8":
+    return images
+  out = images.astype(np.float32)
+  out /= np.float32(255.0)
+  return out
+
+
+def load_idx_dir(directory: str | os.PathLike, *, expect_full: bool = True, pixels: str = "float32") -> FashionMNIST:
   """Loads and validates the four IDX files in ``directory``.
 
   Args:
     directory: where the files are (``.gz`` or uncompressed).
-    expect_full: require the real data set's 60000/10000 examples; False accepts any count
-      (test fixtures, subsets) but still checks everything else.
+    expect_full: require the real data set's 60000/10000 examples; False accepts any count up to
+      those (test fixtures, subsets) but still checks everything else.
+    pixels: "float32" (in [0, 1]) or "uint8" (raw), see :func:`scale_pixels`.
   """
+  if pixels not in PIXELS:
+    raise ValueError(f"`pixels` is {pixels!r}, but should be one of {PIXELS}.")
   directory = Path(directory)
   if not directory.is_dir():
     raise DataError(f"Fashion-MNIST directory {directory} does not exist. {HOW_TO_GET}")
   arrays = {}
   for split in ("train", "test"):
     count = FULL_COUNTS[split] if expect_full else None
-    images = read_idx(_find(directory, FILES[f"{split}_images"]), IMAGE_MAGIC, count)
+    images = read_idx(_find(directory, FILES[f"{split}_images"]), IMAGE_MAGIC, count, FULL_COUNTS[split])
     labels_path = _find(directory, FILES[f"{split}_labels"])
-    labels = read_idx(labels_path, LABEL_MAGIC, count)
+    labels = read_idx(labels_path, LABEL_MAGIC, count, FULL_COUNTS[split])
     if len(images) != len(labels):
       raise DataError(f"{directory}: the {split} split has {len(images)} images but {len(labels)} labels.")
     if labels.size and labels.max() >= NUM_CLASSES:
       raise DataError(f"{labels_path} holds label {int(labels.max())}, but Fashion-MNIST labels are 0..9.")
-    arrays[f"{split}_images"] = (images.astype(np.float32) / 255.0)[..., None]
+    arrays[f"{split}_images"] = scale_pixels(images, pixels)
     arrays[f"{split}_labels"] = labels.astype(np.int32)
   return FashionMNIST(**arrays, source=f"IDX files in {directory}")
 
 
-def load_tfds(data_dir: str | None = None, download: bool = False) -> FashionMNIST:
+def load_tfds(data_dir: str | None = None, download: bool = False, pixels: str = "float32") -> FashionMNIST:
   """Loads Fashion-MNIST through tensorflow-datasets (needs TensorFlow for ``as_dataset``)."""
   try:
     import tensorflow_datasets as tfds
@@ -141,9 +181,9 @@ def load_tfds(data_dir: str | None = None, download: bool = False) -> FashionMNI
   except Exception as e:  # tfds raises many types: missing TF, missing data, failed download
     raise DataError(f"tensorflow-datasets could not load fashion_mnist ({type(e).__name__}: {e}). {HOW_TO_GET}") from e
   return FashionMNIST(
-    train_images=(train_x.astype(np.float32) / 255.0).reshape(-1, ROWS, COLS, 1),
+    train_images=scale_pixels(np.asarray(train_x, np.uint8).reshape(-1, ROWS, COLS), pixels),
     train_labels=train_y.astype(np.int32),
-    test_images=(test_x.astype(np.float32) / 255.0).reshape(-1, ROWS, COLS, 1),
+    test_images=scale_pixels(np.asarray(test_x, np.uint8).reshape(-1, ROWS, COLS), pixels),
     test_labels=test_y.astype(np.int32),
     source="tensorflow-datasets",
   )
@@ -155,7 +195,7 @@ def _tfds_prepared(data_dir: str | None) -> bool:
 
 
 def load_fashion_mnist(
-  data_dir: str | os.PathLike | None = None, *, source: str = "auto", expect_full: bool = True
+  data_dir: str | os.PathLike | None = None, *, source: str = "auto", expect_full: bool = True, pixels: str = "float32"
 ) -> FashionMNIST:
   """Loads Fashion-MNIST from the first place that has it (see the module docstring).
 
@@ -163,14 +203,15 @@ def load_fashion_mnist(
     data_dir: a directory of IDX files (``source`` "auto"/"idx") or a TFDS data_dir ("tfds").
     source: "auto", "idx" or "tfds".
     expect_full: with IDX files, require the full 60000/10000 examples.
+    pixels: "float32" (in [0, 1]) or "uint8" (raw, a quarter of the memory), see :func:`scale_pixels`.
   """
   if source not in ("auto", "idx", "tfds"):
     raise ValueError(f"`source` is {source!r}, but should be 'auto', 'idx' or 'tfds'.")
   if source == "tfds":
-    return load_tfds(None if data_dir is None else str(data_dir), download=True)
+    return load_tfds(None if data_dir is None else str(data_dir), download=True, pixels=pixels)
   directory = data_dir or os.environ.get(ENV_VAR)
   if directory is not None or source == "idx":
-    return load_idx_dir(directory or DEBIAN_DIR, expect_full=expect_full)
+    return load_idx_dir(directory or DEBIAN_DIR, expect_full=expect_full, pixels=pixels)
   if (DEBIAN_DIR / (FILES["train_images"] + ".gz")).is_file() or not _tfds_prepared(None):
-    return load_idx_dir(DEBIAN_DIR, expect_full=expect_full)
-  return load_tfds()
+    return load_idx_dir(DEBIAN_DIR, expect_full=expect_full, pixels=pixels)
+  return load_tfds(pixels=pixels)

@@ -26,11 +26,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Axes = int | Sequence[int]
@@ -63,19 +65,86 @@ def canonicalize_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, .
       raise ValueError(
         f"`{name}` is {axis!r}, but the input has rank {ndim}, so each axis must lie in [{-ndim}, {ndim - 1}]."
       )
-  canonical = tuple(sorted(int(a) % ndim for a in axes))
-  if len(set(canonical)) != len(canonical):
-    raise ValueError(f"`{name}` is {axis!r}, which names the same axis twice.")
-  return canonical
+  # A repeated axis, e.g. (1, -3) on rank 4, means the same thing once (Flax dedups too).
+  return tuple(sorted({int(a) % ndim for a in axes}))
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The real counterpart of a floating or complex dtype (complex64 -> float32)."""
+  return jnp.finfo(dtype).dtype
+
+
+def stats_dtypes(*dtypes: Any) -> tuple[jnp.dtype, jnp.dtype]:
+  """``(mean dtype, var dtype)`` of running statistics for inputs/params of ``dtypes``.
+
+  At least float32, and the highest precision among ``dtypes`` (float64 under ``jax_enable_x64``);
+  the mean is complex for complex inputs, the variance always real.
+  """
+  mean = jnp.promote_types(jnp.float32, jnp.result_type(*(d for d in dtypes if jnp.issubdtype(d, jnp.inexact))))
+  return mean, real_dtype(mean)
 
 
 def ema(running: jax.Array, batch: jax.Array, momentum: float | jax.Array) -> jax.Array:
-  """The chapter's moving average: ``momentum * running + (1 - momentum) * batch``."""
-  return (momentum * running + (1.0 - momentum) * batch).astype(running.dtype)
+  """The chapter's moving average: ``momentum * running + (1 - momentum) * batch``.
+
+  The result keeps the running statistics' dtype unless the batch statistic is more precise (float64
+  input with float32 statistics, or a complex mean): statistics are never stored below the input's
+  precision.
+  """
+  dtype = jnp.promote_types(running.dtype, batch.dtype)
+  m = jnp.asarray(momentum, real_dtype(dtype))
+  return (m * running.astype(dtype) + (1 - m) * batch.astype(dtype)).astype(dtype)
+
+
+def _abs2(v: jax.Array) -> jax.Array:
+  """``|v|^2``, real: ``v * v`` for real arrays, ``re(v conj(v))`` for complex ones."""
+  if jnp.iscomplexobj(v):
+    return jnp.real(v * jnp.conj(v))
+  return v * v
+
+
+def _re_conj_mul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``re(conj(a) b)``: the real inner product's terms; plain ``a * b`` for real arrays."""
+  if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+    return jnp.real(jnp.conj(a) * b)
+  return a * b
+
+
+def _is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _concrete_scalar(name: str, value: Any) -> float | None:
+  """A Python float for a concrete number (Python, NumPy or a concrete jax.Array); None when traced."""
+  if _is_traced(value):
+    return None  # traced values are the caller's responsibility (documented in batch_norm)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | jax.Array | np.generic):
+    raise TypeError(f"`{name}` is {value!r} ({type(value).__name__}), but should be a real number.")
+  array = np.asarray(value)
+  if array.shape != () or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    raise TypeError(f"`{name}` has shape {array.shape} and dtype {array.dtype}, but should be a real scalar.")
+  return float(array)
+
+
+def check_mode(use_running_average: Any) -> bool | jax.Array:
+  """``use_running_average`` as a Python bool, or a traced scalar bool left as it is.
+
+  Anything else is an error: None, strings ("False" is truthy) and numbers would silently pick a mode.
+  """
+  v = use_running_average
+  if isinstance(v, bool | np.bool_):
+    return bool(v)
+  if isinstance(v, jax.Array | np.ndarray) and v.shape == () and v.dtype == jnp.bool_:
+    return v if _is_traced(v) else bool(v)
+  raise TypeError(
+    f"`use_running_average` is {v!r} ({type(v).__name__}), but should be a bool (or a traced scalar bool): "
+    "False to normalize by the batch statistics and update the running ones (training), True to "
+    "normalize by the running statistics (evaluation)."
+  )
 
 
 def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
-  """Static checks: they read shapes and Python numbers only, so they cost nothing under jit."""
+  """Static checks: they read shapes, dtypes and concrete numbers only, so they cost nothing under jit."""
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   for name, value in (("scale", scale), ("bias", bias)):
     if value is not None and tuple(jnp.shape(value)) != feature_shape:
@@ -87,16 +156,25 @@ def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
     if not isinstance(stats, BatchStats):
       raise TypeError(f"`stats` is a {type(stats).__name__}, but should be a bnjax.BatchStats or None.")
     for field in BatchStats._fields:
-      shape = tuple(jnp.shape(getattr(stats, field)))
+      value = getattr(stats, field)
+      shape = tuple(jnp.shape(value))
       if shape != feature_shape:
         raise ValueError(
           f"`stats.{field}` has shape {shape}, but the input {tuple(x.shape)} has feature "
           f"shape {feature_shape} on axes {feature_axes}; they must be equal."
         )
-  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
-    raise ValueError(f"`momentum` is {momentum}, but should lie in [0, 1].")
-  if isinstance(epsilon, numbers.Real) and not epsilon > 0.0:
-    raise ValueError(f"`epsilon` is {epsilon}, but should be positive.")
+      kind = jnp.inexact if field == "mean" else jnp.floating
+      if not jnp.issubdtype(jnp.result_type(value), kind):
+        raise TypeError(
+          f"`stats.{field}` has dtype {jnp.result_type(value)}, but running statistics must be floating "
+          "point (an integer array would silently truncate every update); start from bnjax.init_batch_stats."
+        )
+  m = _concrete_scalar("momentum", momentum)
+  if m is not None and not 0.0 <= m <= 1.0:
+    raise ValueError(f"`momentum` is {m}, but should lie in [0, 1] (outside, running variances can turn negative).")
+  eps = _concrete_scalar("epsilon", epsilon)
+  if eps is not None and not (eps >= 0.0 and math.isfinite(eps)):
+    raise ValueError(f"`epsilon` is {eps}, but should be a finite number >= 0.")
 
 
 def _local_moments(x, reduction_axes, mask):
@@ -107,36 +185,39 @@ def _local_moments(x, reduction_axes, mask):
   ``d = x - m1``; the variance comes from ``d``, whose values are of the order
   of the spread, so nothing large is ever squared. This keeps float32 variance
   accurate for e.g. mean 1e4, std 1, where ``E[x^2] - E[x]^2`` loses all digits.
+
+  With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
+  count stays 0, so the shard drops out of any combination by counts.
   """
   if mask is None:
-    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), x.dtype)
+    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), real_dtype(x.dtype))
     m1 = lax.stop_gradient(jnp.mean(x, reduction_axes, keepdims=True))
     d = x - m1
     mean_d = jnp.mean(d, reduction_axes, keepdims=True)
-    mean_d2 = jnp.mean(d * d, reduction_axes)
+    mean_d2 = jnp.mean(_abs2(d), reduction_axes)
   else:
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-    count = jnp.maximum(jnp.sum(mask, reduction_axes, dtype=x.dtype), 1.0)
-    count_k = jnp.expand_dims(count, reduction_axes)
-    m1 = lax.stop_gradient(jnp.sum(jnp.where(mask, x, 0.0), reduction_axes, keepdims=True) / count_k)
+    count = jnp.sum(mask, reduction_axes, dtype=real_dtype(x.dtype))
+    safe_k = jnp.expand_dims(jnp.maximum(count, 1.0), reduction_axes)
+    m1 = lax.stop_gradient(jnp.sum(jnp.where(mask, x, 0.0), reduction_axes, keepdims=True) / safe_k)
     # Zero the masked positions before squaring so padding (even inf) never leaks into values or grads.
     d = jnp.where(mask, x - m1, 0.0)
-    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / count_k
-    mean_d2 = jnp.sum(d * d, reduction_axes) / count
+    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / safe_k
+    mean_d2 = jnp.sum(_abs2(d), reduction_axes) / jnp.squeeze(safe_k, reduction_axes)
   mean = jnp.squeeze(m1 + mean_d, reduction_axes)
-  var = jnp.maximum(mean_d2 - jnp.squeeze(mean_d, reduction_axes) ** 2, 0.0)
+  var = jnp.maximum(mean_d2 - _abs2(jnp.squeeze(mean_d, reduction_axes)), 0.0)
   return count, mean, var * count
 
 
 def _fast_moments(x, reduction_axes, mask):
-  """Per-feature (count, sum, sum of squares): one fused pass, unstable when |mean| >> std."""
+  """Per-feature (count, sum, sum of |x|^2): one fused pass, unstable when |mean| >> std."""
   if mask is None:
-    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), x.dtype)
-    return count, jnp.sum(x, reduction_axes), jnp.sum(x * x, reduction_axes)
+    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), real_dtype(x.dtype))
+    return count, jnp.sum(x, reduction_axes), jnp.sum(_abs2(x), reduction_axes)
   mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
   x = jnp.where(mask, x, 0.0)
-  count = jnp.maximum(jnp.sum(mask, reduction_axes, dtype=x.dtype), 1.0)
-  return count, jnp.sum(x, reduction_axes), jnp.sum(x * x, reduction_axes)
+  count = jnp.sum(mask, reduction_axes, dtype=real_dtype(x.dtype))
+  return count, jnp.sum(x, reduction_axes), jnp.sum(_abs2(x), reduction_axes)
 
 
 def batch_moments(
@@ -158,26 +239,29 @@ def batch_moments(
   if use_fast_variance:
     count, s1, s2 = _fast_moments(x, reduction_axes, mask)
     if axis_name is not None:
-      count, s1, s2 = lax.psum(
-        jnp.stack(jnp.broadcast_arrays(count, s1, s2)), axis_name, axis_index_groups=axis_index_groups
-      )
-    mean = s1 / count
-    return mean, jnp.maximum(s2 / count - mean * mean, 0.0), jnp.broadcast_to(count, mean.shape)
+      # One collective: the three moments stacked (count and sum of |x|^2 are real parts of the stack).
+      stacked = jnp.stack(jnp.broadcast_arrays(count.astype(s1.dtype), s1, s2.astype(s1.dtype)))
+      stacked = lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups)
+      count, s1, s2 = jnp.real(stacked[0]), stacked[1], jnp.real(stacked[2])
+    safe = jnp.maximum(count, 1.0)  # count 0 (nothing valid anywhere): mean and var 0, count 0
+    mean = s1 / safe
+    return mean, jnp.maximum(s2 / safe - _abs2(mean), 0.0), jnp.broadcast_to(count, mean.shape)
 
   count, mean, m2 = _local_moments(x, reduction_axes, mask)
   if axis_name is not None:
     # A gather written as a psum: each shard fills its own row of a zero table. Unlike all_gather, the
     # result is known to be replicated (shard_map's check needs that), and shards outside this shard's
-    # axis_index_groups group simply contribute rows with count 0.
-    row = jnp.stack(jnp.broadcast_arrays(count, mean, m2))
-    slot = jax.nn.one_hot(lax.axis_index(axis_name), lax.axis_size(axis_name), dtype=row.dtype)
+    # axis_index_groups group simply contribute rows with count 0. One collective carries all three.
+    row = jnp.stack(jnp.broadcast_arrays(count.astype(mean.dtype), mean, m2.astype(mean.dtype)))
+    slot = jax.nn.one_hot(lax.axis_index(axis_name), lax.axis_size(axis_name), dtype=real_dtype(row.dtype))
     shards = lax.psum(slot.reshape((-1,) + (1,) * row.ndim) * row, axis_name, axis_index_groups=axis_index_groups)
-    counts, means, m2s = shards[:, 0], shards[:, 1], shards[:, 2]
+    counts, means, m2s = jnp.real(shards[:, 0]), shards[:, 1], jnp.real(shards[:, 2])
+    # Chan et al.: shards with count 0 (all padding) get weight 0 and add nothing.
     count = jnp.sum(counts, axis=0)
-    mean = jnp.sum(counts * means, axis=0) / count
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * (means - mean) ** 2, axis=0)
+    mean = jnp.sum(counts * means, axis=0) / jnp.maximum(count, 1.0)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * _abs2(means - mean), axis=0)
   count = jnp.broadcast_to(count, mean.shape)
-  return mean, m2 / count, count
+  return mean, m2 / jnp.maximum(count, 1.0), count
 
 
 def _expand(v: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -222,12 +306,12 @@ def normalize_by_batch(
 
   Differentiation uses the closed form, as a custom JVP so forward and reverse mode both work:
 
-      dy = xhat dscale + dbias + k (dx - E[dx] - xhat E[xhat dx]),   k = scale * rsqrt(var + epsilon)
+      dy = xhat dscale + dbias + k (dx - E[dx] - xhat re E[conj(xhat) dx]),   k = scale * rsqrt(var + epsilon)
 
-  with ``E`` the (masked, cross-device) batch mean. The per-feature factor ``k`` is applied after
-  each batch mean, so the transpose (the backward pass) needs only ``sum(dy)`` and
-  ``sum(dy * xhat)``, the same two reductions that give the bias and scale gradients, and one
-  elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic would add several
+  with ``E`` the (masked, cross-device) batch mean (``conj`` and ``re`` only matter for complex input).
+  The per-feature factor ``k`` is applied after each batch mean, so the transpose (the backward pass)
+  needs only ``sum(dy)`` and ``sum(dy * xhat)``, the same two reductions that give the bias and scale
+  gradients, and one elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic would add several
   more passes over the activations.
   """
   moments = functools.partial(
@@ -250,11 +334,15 @@ def normalize_by_batch(
     total = jnp.sum(v, reduction_axes)
     if axis_name is not None:
       total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
-    return total / count
+    return total / jnp.maximum(count, 1.0)
 
   def primal(x, scale, bias):
     mean, var, count = moments(x)
     r = lax.rsqrt(var + epsilon)
+    if mask is not None:
+      # A feature with no valid example anywhere has no statistics: its xhat is defined as 0 (y = bias),
+      # and, with k = scale * r = 0, no gradient flows to its inputs.
+      r = jnp.where(count > 0, r, 0.0)
     xhat = (x - per_feature(mean)) * per_feature(r)
     return xhat * per_feature(scale) + per_feature(bias), mean, var, count, xhat, r
 
@@ -268,12 +356,13 @@ def normalize_by_batch(
     y, mean, var, count, xhat, r = primal(x, scale, bias)
     k = scale * r
     dmean = batch_mean(dx, count)
-    xhat_dx = batch_mean(xhat * dx, count)
+    xhat_dx = batch_mean(_re_conj_mul(xhat, dx), count)
     # Only additions, with each per-feature factor (and sign) inside per_feature(...): the transpose
     # then reduces exactly sum(ct) and sum(xhat * ct), which XLA shares with the bias/scale gradients.
     dy = xhat * per_feature(dscale) + per_feature(dbias)
     dy = dy + per_feature(k) * dx + per_feature(-k * dmean) + xhat * per_feature(-k * xhat_dx)
-    dvar = 2.0 * xhat_dx / r  # d E[(x - mean)^2] = 2 E[(x - mean) dx], and x - mean = xhat / r
+    # d E[|x - mean|^2] = 2 re E[conj(x - mean) dx], and x - mean = xhat * sqrt(var + epsilon).
+    dvar = 2.0 * xhat_dx * jnp.sqrt(var + epsilon)
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
 
   return normalize(x, scale, bias)
@@ -285,10 +374,10 @@ def batch_norm(
   bias: jax.Array | None,
   stats: BatchStats | None,
   *,
-  use_running_average: bool,
+  use_running_average: bool | jax.Array,
   axis: Axes = -1,
-  momentum: float = 0.99,
-  epsilon: float = 1e-5,
+  momentum: float | jax.Array = 0.99,
+  epsilon: float | jax.Array = 1e-5,
   axis_name: str | None = None,
   axis_index_groups: Any = None,
   mask: jax.Array | None = None,
@@ -300,23 +389,30 @@ def batch_norm(
   """Batch-normalizes ``x`` and returns ``(y, new_stats)``.
 
   Args:
-    x: floating-point input of rank >= 2.
+    x: input of rank >= 2: floating or complex; integer and bool inputs are promoted to float32.
     scale: per-feature gamma with the feature shape, or None for no scaling.
     bias: per-feature beta with the feature shape, or None for no shift.
-    stats: running :class:`BatchStats` with the feature shape. Required in
-      evaluation mode; may be None in training mode (then None is returned).
+    stats: running :class:`BatchStats` with the feature shape (floating point; the mean may be
+      complex). Required in evaluation mode; may be None in training mode (then None is returned).
     use_running_average: True for evaluation (normalize by ``stats``, return
       them unchanged); False for training (normalize by batch statistics,
-      return updated running statistics). Always explicit.
-    axis: the feature axis or axes; every other axis is reduced. -1 is NHWC,
-      1 is NCHW.
-    momentum: weight of the old running value; ``torch momentum = 1 - momentum``.
-    epsilon: added to the variance before the square root.
+      return updated running statistics). Always explicit: a Python or NumPy bool, a concrete
+      scalar bool array, or a traced scalar bool (then both modes are computed and one is selected).
+    axis: the feature axis or axes (a repeated axis counts once); every other axis is reduced. -1
+      is NHWC, 1 is NCHW.
+    momentum: weight of the old running value, in [0, 1]; ``torch momentum = 1 - momentum``.
+    epsilon: added to the variance before the square root, >= 0. Concrete values of ``momentum``
+      and ``epsilon`` (numbers or arrays) are checked; traced values cannot be, and are the
+      caller's responsibility.
     axis_name: a mapped axis (vmap, pmap, shard_map) across which the batch
-      statistics are combined, in one collective.
+      statistics are combined, in one collective, weighted by each shard's count of valid values
+      (a fully masked shard adds nothing).
     axis_index_groups: subgroups of ``axis_name`` to combine separately.
     mask: boolean array broadcastable to ``x``; False entries (e.g. padded
-      examples) are left out of the batch statistics.
+      examples) are left out of the batch statistics. Outputs at masked positions are computed
+      but meaningless. A feature with no valid entry at all (over every shard) keeps its running
+      statistics unchanged, and its output in that call is ``bias`` (``xhat = 0``) with no
+      gradient to ``x``.
     use_fast_variance: opt in to ``E[x^2] - E[x]^2`` in one pass; it loses
       precision when ``|mean| >> std``. The default is the stable form.
     unbiased_running_var: update the running variance with the unbiased batch
@@ -324,17 +420,21 @@ def batch_norm(
       uses the biased variance.
     force_float32_reductions: compute statistics in at least float32 (so
       bf16/fp16 inputs never overflow or lose the statistics).
-    dtype: dtype of ``y``; defaults to ``x.dtype``.
+    dtype: dtype of ``y``; defaults to ``x.dtype`` (float32 for integer/bool ``x``).
 
   Returns:
     ``(y, new_stats)``: ``y`` has the shape of ``x``; ``new_stats`` is the
-    updated :class:`BatchStats` in training mode and ``stats`` in evaluation.
+    updated :class:`BatchStats` in training mode and ``stats`` in evaluation. Updated statistics
+    keep their dtype unless the batch statistics are more precise (float64 input, complex mean).
+
+  A training batch with a single value per feature (one example, no spatial axes) is accepted, as
+  in Flax: its variance is 0, so ``y = bias``; a warning says so once.
 
   Raises:
-    TypeError: non-floating ``x`` or ``stats`` of the wrong type.
-    ValueError: rank < 2, a bad ``axis``, shapes that do not match the feature
-      shape, ``momentum`` outside [0, 1], ``epsilon`` <= 0, or training-mode
-      statistics over a single value per feature.
+    TypeError: ``x`` that is not numeric, ``stats`` of the wrong type or an integer dtype, a
+      ``use_running_average`` that is not a bool.
+    ValueError: rank < 2, a bad ``axis``, shapes that do not match the feature shape, a concrete
+      ``momentum`` outside [0, 1] or ``epsilon`` < 0.
 
   >>> x = jnp.arange(12.0).reshape(4, 3)
   >>> y, stats = batch_norm(x, jnp.ones(3), jnp.zeros(3), init_batch_stats(3),
@@ -342,14 +442,18 @@ def batch_norm(
   >>> jnp.round(stats.mean, 2)  # 0.9 * 0 + 0.1 * [4.5, 5.5, 6.5]
   Array([0.45, 0.55, 0.65], dtype=float32)
   """
+  x_dtype = getattr(x, "dtype", None) or np.asarray(x).dtype
+  if not (jnp.issubdtype(x_dtype, jnp.number) or x_dtype == np.bool_):  # strings, objects, dates
+    raise TypeError(f"`x` has dtype {x_dtype}, but batch norm needs a numeric (float, complex, integer or bool) input.")
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"`x` has dtype {x.dtype}, but batch norm needs a floating-point input.")
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(jnp.float32)  # as Flax: integer inputs are normalized in float
   if x.ndim < 2:
     raise ValueError(
       f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but batch norm needs rank >= 2: "
       "a batch axis and at least one feature axis."
     )
+  use_running_average = check_mode(use_running_average)
   feature_axes = canonicalize_axes(x.ndim, axis)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   if not reduction_axes:
@@ -357,18 +461,19 @@ def batch_norm(
   _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon)
   out_dtype = x.dtype if dtype is None else dtype
 
-  if use_running_average:
+  def evaluate():
     if stats is None:
       raise ValueError("`stats` is None, but evaluation mode (use_running_average=True) normalizes by them.")
-    y = normalize(x, stats.mean, stats.var, scale, bias, feature_axes, epsilon, out_dtype)
-    return y, stats
+    return normalize(x, stats.mean, stats.var, scale, bias, feature_axes, epsilon, out_dtype), stats
+
+  if use_running_average is True:
+    return evaluate()
 
   if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
-    raise ValueError(
-      f"`x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so training-mode "
-      "statistics would be over a single value per feature (a batch of 1 with no spatial "
-      "dims): the variance is 0 and the output carries no information. Use a larger batch "
-      "or use_running_average=True."
+    warnings.warn(
+      f"bnjax.batch_norm: `x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so the training-mode "
+      "statistics are over a single value per feature (a batch of 1): the variance is 0 and the output is `bias`.",
+      stacklevel=2,
     )
 
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
@@ -386,11 +491,26 @@ def batch_norm(
     use_fast_variance=use_fast_variance,
   )
   y = y.astype(out_dtype)
+  new_stats = None
+  if stats is not None:
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
+    new_stats = BatchStats(mean=ema(stats.mean, mean, momentum), var=ema(stats.var, running_var, momentum))
+    if mask is not None:  # no valid example for a feature: nothing to learn, keep its statistics
+      seen = count > 0
+      new_stats = BatchStats(
+        mean=jnp.where(seen, new_stats.mean, stats.mean.astype(new_stats.mean.dtype)),
+        var=jnp.where(seen, new_stats.var, stats.var.astype(new_stats.var.dtype)),
+      )
+  if use_running_average is False:
+    return y, new_stats
+
+  # A traced mode (e.g. a train flag passed through jit as an array): both results, one selected.
   if stats is None:
-    return y, None
-  running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
-  new_stats = BatchStats(
-    mean=ema(stats.mean, lax.stop_gradient(mean), momentum),
-    var=ema(stats.var, lax.stop_gradient(running_var), momentum),
+    raise ValueError("`stats` is None, but a traced `use_running_average` may select evaluation, which needs them.")
+  y_eval, _ = evaluate()
+  pick = functools.partial(jnp.where, use_running_average)
+  return pick(y_eval, y), BatchStats(
+    mean=pick(stats.mean.astype(new_stats.mean.dtype), new_stats.mean),
+    var=pick(stats.var.astype(new_stats.var.dtype), new_stats.var),
   )
-  return y, new_stats

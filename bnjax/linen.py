@@ -6,6 +6,7 @@ the train/eval switch); the math is :func:`bnjax.batch_norm`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers, module
 from flax.linen.module import Module, compact
 
-from bnjax.functional import BatchStats, batch_norm, canonicalize_axes
+from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, stats_dtypes
 
 Initializer = Any
 
@@ -22,10 +23,13 @@ class BatchNorm(Module):
   """BatchNorm Module with the fields, defaults and variable names of `flax.linen.BatchNorm`.
 
   Parameters are ``params/{scale,bias}``, running statistics
-  ``batch_stats/{mean,var}`` (float32, starting at 0 and 1), all with the
-  feature shape, so checkpoints move between this module and Flax's unchanged.
+  ``batch_stats/{mean,var}`` (starting at 0 and 1), all with the feature shape,
+  so checkpoints move between this module and Flax's unchanged. The statistics
+  are float32, or the input's/parameters' dtype when that is more precise
+  (float64 under ``jax_enable_x64``; a complex mean for complex input).
   As in Flax, the running statistics are not updated while the module is
-  initializing, and ``axis_name`` is ignored then.
+  initializing, and ``axis_name`` is ignored then; a batch of one example is
+  accepted (at ``init`` silently).
 
   Deliberate differences from Flax:
 
@@ -102,33 +106,38 @@ class BatchNorm(Module):
       raise ValueError(f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but BatchNorm needs rank >= 2.")
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    mean_dtype, var_dtype = stats_dtypes(x.dtype, self.param_dtype)
 
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), feature_shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), feature_shape)
     scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
     initializing = self.is_initializing()
     # Flax's output dtype rule: the promoted type of the input and the parameters unless `dtype` is set.
     out_dtype = dtypes.canonicalize_dtype(*(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)
-    y, new_stats = batch_norm(
-      x,
-      scale,
-      bias,
-      BatchStats(ra_mean.value, ra_var.value),
-      use_running_average=use_running_average,
-      axis=feature_axes,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=None if initializing else self.axis_name,
-      axis_index_groups=None if initializing else self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      unbiased_running_var=self.unbiased_running_var,
-      force_float32_reductions=self.force_float32_reductions,
-      dtype=out_dtype,
-    )
-    if not use_running_average and not initializing:
+    # A traced flag (possible under jit) selects inside batch_norm; the statistics are then always written.
+    mode = check_mode(use_running_average)
+    with warnings.catch_warnings():
+      if initializing:  # init's sample batch is often a single example, and nothing is learned from it
+        warnings.simplefilter("ignore")
+      y, new_stats = batch_norm(
+        x,
+        scale,
+        bias,
+        BatchStats(ra_mean.value, ra_var.value),
+        use_running_average=mode,
+        axis=feature_axes,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        use_fast_variance=self.use_fast_variance,
+        unbiased_running_var=self.unbiased_running_var,
+        force_float32_reductions=self.force_float32_reductions,
+        dtype=out_dtype,
+      )
+    if mode is not True and not initializing:
       ra_mean.value, ra_var.value = new_stats.mean, new_stats.var
     return y

@@ -44,26 +44,32 @@ class LeNet(nn.Module):
     if self.unbiased_running_var and self.norm != "ours":
       raise ValueError(f"`unbiased_running_var=True` needs norm='ours', but `norm` is {self.norm!r}.")
 
-  def _norm(self, x, train: bool, name: str):
+  def _norm(self, x, train: bool, name: str, mask):
     if self.norm == "none":
       return x
     kwargs = dict(use_running_average=not train, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, name=name)
     if self.norm == "ours":
-      return BatchNorm(unbiased_running_var=self.unbiased_running_var, **kwargs)(x)
-    return nn.BatchNorm(**kwargs)(x)
+      layer = BatchNorm(unbiased_running_var=self.unbiased_running_var, **kwargs)
+    else:
+      layer = nn.BatchNorm(**kwargs)
+    # The per-example mask, shaped to broadcast over this layer's (N, H, W, C) or (N, F) activations.
+    return layer(x, mask=None if mask is None else mask.reshape((-1,) + (1,) * (x.ndim - 1)))
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    """Logits for NHWC images ``x``; ``mask`` (N,) bool leaves padded examples out of the BN statistics."""
     if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
       raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
+    if mask is not None and tuple(mask.shape) != (x.shape[0],):
+      raise ValueError(f"`mask` has shape {tuple(mask.shape)}, but should be ({x.shape[0]},): one flag per example.")
     kernel_init = nn.initializers.xavier_uniform()
     x = Conv(6, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv1")(x)
-    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn1")), (2, 2), (2, 2))
+    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn1", mask)), (2, 2), (2, 2))
     x = Conv(16, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv2")(x)
-    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn2")), (2, 2), (2, 2))
+    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn2", mask)), (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)  # NHWC flatten: (h, w, c) order, unlike PyTorch's (c, h, w)
-    x = nn.sigmoid(self._norm(nn.Dense(120, kernel_init=kernel_init, name="fc1")(x), train, "bn3"))
-    x = nn.sigmoid(self._norm(nn.Dense(84, kernel_init=kernel_init, name="fc2")(x), train, "bn4"))
+    x = nn.sigmoid(self._norm(nn.Dense(120, kernel_init=kernel_init, name="fc1")(x), train, "bn3", mask))
+    x = nn.sigmoid(self._norm(nn.Dense(84, kernel_init=kernel_init, name="fc2")(x), train, "bn4", mask))
     return nn.Dense(self.num_classes, kernel_init=kernel_init, name="fc3")(x)
 
 

@@ -12,6 +12,10 @@ conversions are:
   -> ``scale``/``bias``; ``running_mean``/``running_var`` (or ``moving_mean``/``moving_var``) ->
   ``batch_stats`` ``mean``/``var``; ``num_batches_tracked`` is ignored.
 
+As in PyTorch's ``load_state_dict(strict=True)``, :func:`lenet_from_torch` refuses keys it does not
+use (``strict=False`` ignores them), and a missing key is named exactly. A ``module.`` prefix on every
+key (``nn.DataParallel`` / ``DistributedDataParallel``) is removed.
+
 Remember that PyTorch's ``momentum`` is ``1 - `` bnjax's and that ``nn.BatchNorm*`` updates the running
 variance with the unbiased batch variance: use ``momentum=0.9, unbiased_running_var=True`` (the
 LeNet's ``unbiased_running_var=True``) to keep training a ported ``nn.BatchNorm`` model the same way.
@@ -48,6 +52,13 @@ _BN_NAMES = {
 }
 
 
+class StateDictError(KeyError):
+  """A state dict that does not fit the model: a missing or an unexpected key (message names it)."""
+
+  def __str__(self) -> str:  # KeyError would print the message in quotes
+    return str(self.args[0])
+
+
 def to_numpy(value: Any) -> np.ndarray:
   """A tensor or array as float32 NumPy, without importing torch."""
   if hasattr(value, "detach"):
@@ -58,7 +69,7 @@ def to_numpy(value: Any) -> np.ndarray:
 def _get(state_dict: Mapping[str, Any], key: str, shape_hint: str) -> np.ndarray:
   if key not in state_dict:
     near = sorted(k for k in state_dict if k.split(".")[0] == key.split(".")[0])
-    raise KeyError(f"state_dict has no {key!r} ({shape_hint}); keys of that module: {near or 'none'}.")
+    raise StateDictError(f"state_dict has no {key!r} ({shape_hint}); keys of that module: {near or 'none'}.")
   return to_numpy(state_dict[key])
 
 
@@ -101,7 +112,11 @@ def batch_norm_from_torch(state_dict: Mapping[str, Any], prefix: str) -> tuple[d
   for ours, names in _BN_NAMES.items():
     key = next((f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in state_dict), None)
     if key is None:
-      raise KeyError(f"state_dict has no {' or '.join(f'{prefix}.{n}' for n in names)} for a BatchNorm layer.")
+      near = sorted(k for k in state_dict if k.split(".")[0] == prefix)
+      raise StateDictError(
+        f"state_dict has no {' or '.join(repr(f'{prefix}.{n}') for n in names)} for a BatchNorm layer; "
+        f"keys of that module: {near or 'none'}."
+      )
     out[ours] = to_numpy(state_dict[key]).reshape(-1)  # the chapter stores (1, C, 1, 1)
   sizes = {k: v.size for k, v in out.items()}
   if len(set(sizes.values())) != 1:
@@ -109,22 +124,55 @@ def batch_norm_from_torch(state_dict: Mapping[str, Any], prefix: str) -> tuple[d
   return {"scale": out["scale"], "bias": out["bias"]}, {"mean": out["mean"], "var": out["var"]}
 
 
-def lenet_from_torch(state_dict: Mapping[str, Any], layout: Mapping[str, str] | None = None) -> dict:
+def strip_data_parallel_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The state dict without the ``module.`` prefix that ``nn.DataParallel`` puts on every key."""
+  if state_dict and all(k.startswith("module.") for k in state_dict):
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+  return state_dict
+
+
+def _accepted_keys(layout: Mapping[str, str]) -> set[str]:
+  keys = set()
+  for ours, theirs in layout.items():
+    names = [n for alternatives in _BN_NAMES.values() for n in alternatives] + ["num_batches_tracked"]
+    keys |= {f"{theirs}.{n}" for n in (names if ours.startswith("bn") else ("weight", "bias"))}
+  return keys
+
+
+def lenet_from_torch(
+  state_dict: Mapping[str, Any], layout: Mapping[str, str] | None = None, strict: bool = True
+) -> dict:
   """Variables of :class:`bnjax.models.LeNet` from the chapter's PyTorch LeNet.
 
   Args:
     state_dict: the PyTorch model's ``state_dict()`` (tensors or NumPy arrays). The chapter's
       scratch BatchNorm keeps ``moving_mean``/``moving_var`` as plain attributes, not buffers:
-      add them as ``"<i>.moving_mean"``/``"<i>.moving_var"``.
+      add them as ``"<i>.moving_mean"``/``"<i>.moving_var"``. A ``module.`` prefix on every key
+      (DataParallel) is removed.
     layout: our layer name -> PyTorch module name; defaults to the chapter's ``nn.Sequential``
-      with BatchNorm when ``"1.weight"``/``"1.gamma"`` is present, else the plain LeNet.
+      with BatchNorm when module ``1`` has parameters, else the plain LeNet.
+    strict: refuse keys that the layout does not use (PyTorch's ``strict``); False ignores them.
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` (no ``batch_stats`` for the plain LeNet).
+
+  Raises:
+    StateDictError (a KeyError): a missing key, named; with ``strict``, unexpected keys, listed.
   """
+  state_dict = strip_data_parallel_prefix(state_dict)
   if layout is None:
-    has_bn = "1.weight" in state_dict or "1.gamma" in state_dict
+    # Module 1 is the first BatchNorm, or a Sigmoid (no keys) in the plain LeNet.
+    has_bn = any(k.split(".")[0] == LENET_BN_LAYOUT["bn1"] for k in state_dict)
     layout = LENET_BN_LAYOUT if has_bn else LENET_PLAIN_LAYOUT
+  if strict:
+    unexpected = sorted(set(state_dict) - _accepted_keys(layout))
+    if unexpected:
+      hint = ""
+      if any(k.startswith("module.") for k in unexpected):
+        hint = " (nn.DataParallel's 'module.' prefix is removed only when every key has it)"
+      raise StateDictError(
+        f"state_dict has keys that LeNet does not use: {unexpected}{hint}. Pass strict=False to ignore them."
+      )
   params, stats = {}, {}
   for ours, theirs in layout.items():
     if ours.startswith("conv"):

@@ -1,7 +1,15 @@
 """Side-by-side throughput: bnjax vs Flax's BatchNorm vs the chapter's PyTorch code, in one sitting.
 
-    python -m experiments.bench             # full: LeNet train loop + BN op at the chapter's shapes
-    python -m experiments.bench --quick     # a smoke test small enough for CI
+    python -m experiments.bench --end-to-end  # the main job vs the chapter's PyTorch code, whole processes
+    python -m experiments.bench               # LeNet train loop (warm steps) + BN op at the chapter's shapes
+    python -m experiments.bench --quick       # a smoke test small enough for CI
+
+End to end: ``python -m experiments.lenet_fmnist`` and ``python -m experiments.torch_lenet`` (the
+chapter's loop with ``nn.BatchNorm2d/1d``: same epochs, batch, lr and per-epoch test evaluation on the
+same IDX files) run as subprocesses, alternating, after one warm-up pair (so the compilation cache a
+user has on a second run counts). Each run's wall time is measured from outside, start-up, data
+loading, compilation and file writing included; peak memory is the child's maximum resident set
+size as the OS reports it. The ratio is torch wall / bnjax wall (> 1: bnjax is faster).
 
 Model section: the chapter's LeNet at batch 256, float32, SGD lr 1.0, the same random
 Fashion-MNIST-sized data for every row. bnjax rows run ``bnjax.train.train_epoch`` (data on the
@@ -177,6 +185,73 @@ def bench_op_shape(torch, shape, repeats: int, inner: int) -> list[dict]:
   ]
 
 
+def _timed_child(cmd: list[str]) -> tuple[float, float, int]:
+  """``(wall seconds, peak RSS in MB, exit code)`` of one child process, measured from outside."""
+  import subprocess
+
+  t0 = time.perf_counter()
+  child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  _, status, usage = os.wait4(child.pid, 0)
+  wall = time.perf_counter() - t0
+  child.returncode = os.waitstatus_to_exitcode(status)
+  err = child.stderr.read().decode(errors="replace")
+  child.stderr.close()
+  if child.returncode:
+    raise SystemExit(f"error: {' '.join(cmd)} failed (exit {child.returncode}):\n{err[-2000:]}")
+  return wall, usage.ru_maxrss / 1024, child.returncode
+
+
+def end_to_end(args) -> dict:
+  """The main job against the chapter's PyTorch code, as whole processes, alternating."""
+  import sys
+  import tempfile
+
+  common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+  if args.data_dir:
+    common += ["--data-dir", args.data_dir]
+  if args.allow_partial_data:
+    common += ["--allow-partial-data"]
+  tmp = Path(tempfile.mkdtemp(prefix="bnjax-e2e-"))
+  commands = {
+    "bnjax": lambda i: [sys.executable, "-m", "experiments.lenet_fmnist", "--no-progress", "--out", str(tmp / f"r{i}")],
+    "torch": lambda i: [sys.executable, "-m", "experiments.torch_lenet"],
+  }
+  print(f"machine: {machine()}")
+  print(
+    f"end to end, {args.epochs} epochs, batch {args.batch_size}: 1 warm-up pair, then {args.pairs} pairs, alternating"
+  )
+  runs = {name: [] for name in commands}
+  for i in range(args.pairs + 1):
+    order = list(commands) if i % 2 == 0 else list(reversed(commands))  # neither always goes first
+    for name in order:
+      wall, rss, _ = _timed_child(commands[name](i) + common)
+      label = "warm-up" if i == 0 else f"pair {i}"
+      print(f"  {label:8s} {name:6s} {wall:7.1f} s  {rss:7.0f} MB", flush=True)
+      if i > 0:
+        runs[name].append({"seconds": wall, "peak_mb": rss})
+  med = {n: statistics.median(r["seconds"] for r in rs) for n, rs in runs.items()}
+  mem = {n: statistics.median(r["peak_mb"] for r in rs) for n, rs in runs.items()}
+  ratios = [t["seconds"] / b["seconds"] for b, t in zip(runs["bnjax"], runs["torch"], strict=True)]
+  print(f"\n{'whole process':52s} {'wall s (median)':>16s} {'peak MB':>8s}")
+  print(f"{'python -m experiments.lenet_fmnist (bnjax)':52s} {med['bnjax']:16.1f} {mem['bnjax']:8.0f}")
+  print(f"{'python -m experiments.torch_lenet (PyTorch nn.BN)':52s} {med['torch']:16.1f} {mem['torch']:8.0f}")
+  print(
+    f"speed ratio torch/bnjax: {med['torch'] / med['bnjax']:.2f}x (median of medians); per pair: "
+    f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x); "
+    f"memory bnjax/torch: {mem['bnjax'] / mem['torch']:.2f}x"
+  )
+  return {
+    "machine": machine(),
+    "epochs": args.epochs,
+    "batch_size": args.batch_size,
+    "runs": runs,
+    "median_seconds": med,
+    "median_peak_mb": mem,
+    "ratio_torch_over_bnjax": med["torch"] / med["bnjax"],
+    "pair_ratios": ratios,
+  }
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
@@ -187,7 +262,21 @@ def main(argv=None) -> dict:
   p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows")
   p.add_argument("--no-ops", action="store_true", help="leave out the op-level section")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
+  e2e = p.add_argument_group("end to end")
+  e2e.add_argument("--end-to-end", action="store_true", help="time the main job vs the chapter's PyTorch code")
+  e2e.add_argument("--pairs", type=int, default=3, help="timed pairs after the warm-up pair (default 3)")
+  e2e.add_argument("--epochs", type=int, default=10)
+  e2e.add_argument("--data-dir", default=None)
+  e2e.add_argument("--allow-partial-data", action="store_true")
   args = p.parse_args(argv)
+  if args.end_to_end:
+    if args.pairs < 1 or args.epochs < 1:
+      p.error(f"--pairs ({args.pairs}) and --epochs ({args.epochs}) should be at least 1")
+    result = end_to_end(args)
+    if args.out:
+      Path(args.out).write_text(json.dumps(result, indent=1))
+      print(f"wrote {args.out}")
+    return result
   steps = args.steps or (3 if args.quick else 60)
   repeats = args.repeats or (1 if args.quick else 5)
   torch = None if args.no_torch else try_import_torch()

@@ -6,37 +6,51 @@
 
 Prints a progress bar per epoch, a line per epoch, then the chapter's lines (loss, train acc,
 test acc, examples/sec) and the first BN layer's gamma and beta. Writes to ``--out/<bn>/``:
-``metrics.json`` (per epoch), ``curves.png``/``curves.svg`` (the chapter's figure) and an orbax
-``checkpoint`` of the final state, all refreshed after every epoch so an interruption loses at most
-the epoch in progress.
+``checkpoint.msgpack`` (state, epoch, history and the run's settings) and ``metrics.json`` after
+every epoch, ``curves.png``/``curves.svg`` (the chapter's figure) and ``summary.json`` at the end.
+Every file is written to a temporary name and renamed, so an interruption at any moment leaves the
+last complete checkpoint and never a half-written file; it loses at most the epoch in progress.
+
+Compiled programs are kept in JAX's persistent compilation cache (``--compile-cache``, default
+``$BNJAX_COMPILE_CACHE`` or ``~/.cache/bnjax/xla``), so a second run skips compilation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from bnjax import data, models, train
 
 CHAPTER = {  # what the chapter printed (PyTorch, one GPU)
   "ours": {"loss": 0.273, "train_acc": 0.899, "test_acc": 0.807, "examples_per_sec": 32293.9},
   "flax": {"loss": 0.267, "train_acc": 0.902, "test_acc": 0.708, "examples_per_sec": 50597.3},
 }
+NORMS = ("ours", "flax", "none")  # bnjax.models.NORMS, repeated so --help needs no jax import
 LABELS = {"ours": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm", "none": "no BatchNorm"}
+CHECKPOINT, METRICS = "checkpoint.msgpack", "metrics.json"
+# What a resumed run must share with the checkpoint's run (--epochs may grow).
+RUN_IDENTITY = ("bn", "batch_size", "lr", "seed", "conv_impl")
+MAX_SEED = 2**32 - 1
+
+
+class RunError(Exception):
+  """A problem the user can act on: printed as one ``error:`` line, no traceback."""
+
+
+def default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+  return os.environ.get("BNJAX_COMPILE_CACHE") or str(Path(base) / "bnjax" / "xla")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m experiments.lenet_fmnist", description=__doc__.split("\n\n")[0])
   p.add_argument(
     "--bn",
-    choices=[*models.NORMS, "all"],
+    choices=[*NORMS, "all"],
     default="ours",
     help="normalization layer: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none, or all three",
   )
@@ -47,52 +61,132 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--data-dir",
     default=None,
-    help=f"directory of Fashion-MNIST IDX files (default: ${data.ENV_VAR}, then {data.DEBIAN_DIR})",
+    help="directory of Fashion-MNIST IDX files (default: $BNJAX_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
   )
   p.add_argument("--out", default="runs/lenet_fmnist", help="where metrics, plots and checkpoints go")
   p.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in --out")
-  p.add_argument("--loop", choices=train.LOOPS, default="auto", help="epoch loop driver (see bnjax.train)")
+  p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
+  p.add_argument("--loop", choices=("auto", "step", "scan"), default="auto", help="epoch loop driver (see bnjax.train)")
   p.add_argument("--conv-impl", choices=("auto", "xla", "im2col"), default="auto", help="see bnjax.conv")
   p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+  p.add_argument(
+    "--compile-cache",
+    default=default_cache_dir(),
+    metavar="DIR",
+    help="persistent compilation cache (default: %(default)s)",
+  )
+  p.add_argument("--no-compile-cache", action="store_true", help="compile from scratch, do not read or write the cache")
   p.add_argument(
     "--allow-partial-data",
     action="store_true",
     help="accept IDX files with fewer than 60000/10000 examples (subsets, test fixtures)",
   )
   args = p.parse_args(argv)
-  for name in ("epochs", "batch_size"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name.replace('_', '-')} is {getattr(args, name)}, but should be at least 1")
-  if args.lr <= 0:
-    p.error(f"--lr is {args.lr}, but should be positive")
+  if args.epochs < 1:
+    p.error(f"--epochs is {args.epochs}, but should be at least 1")
+  if args.batch_size < 2:
+    p.error(f"--batch-size is {args.batch_size}, but batch statistics need at least 2 examples per batch")
+  if not (math.isfinite(args.lr) and args.lr > 0):
+    p.error(f"--lr is {args.lr}, but should be a positive finite number")
+  if not 0 <= args.seed <= MAX_SEED:
+    p.error(f"--seed is {args.seed}, but should lie in [0, {MAX_SEED}]")
+  if args.resume and args.overwrite:
+    p.error("--resume and --overwrite contradict each other: choose one")
   return args
 
 
+def run_config(args: argparse.Namespace, norm: str) -> dict:
+  return {"bn": norm, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "conv_impl": args.conv_impl}
+
+
 def device_name() -> str:
+  import jax
+
   d = jax.devices()[0]
-  return f"{d.platform}:{d.id} ({d.device_kind})"
+  kind = f" ({d.device_kind})" if d.device_kind.lower() != d.platform else ""
+  return f"{d.platform}:{d.id}{kind}"
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp
-
-  return ocp.StandardCheckpointer()
+# --- files: every write is atomic (temporary name, then rename) -----------------------------------
 
 
-def save_checkpoint(path: Path, state: train.TrainState, epoch: int) -> None:
-  ckpt = _checkpointer()
-  ckpt.save(path.absolute(), {"state": _state_tree(state), "epoch": epoch}, force=True)
-  ckpt.wait_until_finished()
+def atomic_write(path: Path, write) -> None:
+  """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    write(tmp)
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
-def _state_tree(state: train.TrainState) -> dict:
+def atomic_write_text(path: Path, text: str) -> None:
+  atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def check_out_dir(out: Path, norms: list[str], args: argparse.Namespace) -> None:
+  """Before any work: --out is a writable directory, and it holds no run that would be silently replaced."""
+  if out.exists() and not out.is_dir():
+    raise RunError(f"--out {out} is an existing file, not a directory.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-test.{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise RunError(f"--out {out} is not writable ({e.strerror or e}).") from None
+  for norm in norms:
+    run = out / norm
+    held = run.is_dir() and any(run.iterdir())
+    if args.resume and held and not (run / CHECKPOINT).is_file():
+      raise RunError(
+        f"--resume: {run} exists but holds no checkpoint ({CHECKPOINT}); nothing to resume. "
+        "Use --overwrite to start it over, or a new --out."
+      )
+    if not args.resume and not args.overwrite and held:
+      raise RunError(
+        f"{run} already holds a run; pass --resume to continue it, --overwrite to replace it, or a new --out."
+      )
+
+
+def _state_tree(state) -> dict:
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
-def restore_checkpoint(path: Path, state: train.TrainState) -> tuple[train.TrainState, int]:
-  target = {"state": _state_tree(state), "epoch": 0}
-  restored = _checkpointer().restore(path.absolute(), target)
-  return state.replace(**restored["state"]), int(restored["epoch"])
+def save_checkpoint(path: Path, state, epoch: int, history: list[dict], config: dict) -> None:
+  """State, epoch, history and settings in one msgpack file (a few hundred KB for LeNet), written atomically."""
+  from flax import serialization
+
+  payload = {"state": _state_tree(state), "epoch": epoch, "history": json.dumps(history), "config": json.dumps(config)}
+  data = serialization.to_bytes(payload)
+  atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def restore_checkpoint(path: Path, state, config: dict):
+  """``(state, epoch, history)`` from ``path``; RunError for a corrupted file or another run's settings."""
+  from flax import serialization
+
+  try:
+    raw = serialization.msgpack_restore(path.read_bytes())
+    saved = json.loads(raw["config"])
+    restored = serialization.from_state_dict(_state_tree(state), raw["state"])
+    epoch, history = int(raw["epoch"]), json.loads(raw["history"])
+  except Exception as e:  # msgpack, KeyError, ValueError from shapes, JSON: all mean "not a usable checkpoint"
+    raise RunError(
+      f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e)[:200]}); it is truncated, "
+      "corrupted or not bnjax's. Use --overwrite to start over, or a new --out."
+    ) from None
+  differ = [
+    f"--{k.replace('_', '-')} {saved.get(k)} (now {config[k]})" for k in RUN_IDENTITY if saved.get(k) != config[k]
+  ]
+  if differ:
+    raise RunError(
+      f"--resume: the checkpoint {path} belongs to a run with {', '.join(differ)}; resuming would mix two "
+      "runs in one history. Rerun with the checkpoint's settings, or use a new --out."
+    )
+  return state.replace(**restored), epoch, history[:epoch]
 
 
 def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
@@ -113,31 +207,51 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
     ax.legend()
   fig.tight_layout()
   for ext in ("png", "svg"):
-    fig.savefig(stem.with_suffix(f".{ext}"), dpi=110)
+    atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110))
   plt.close(fig)
 
 
-def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace, out: Path) -> tuple[dict, list[dict]]:
+# --- training ------------------------------------------------------------------------------------
+
+
+class Progress:
+  """What is safely on disk, for the message after an interruption."""
+
+  def __init__(self):
+    self.current: str | None = None
+    self.saved: dict[str, int] = {}
+
+
+def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress: Progress) -> tuple[dict, list[dict]]:
   """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history."""
+  import jax
+  import numpy as np
   from tqdm.auto import tqdm
 
+  from bnjax import models, train
+
+  train_x, train_y, test_x, test_y = arrays
   out.mkdir(parents=True, exist_ok=True)
+  ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+  if args.overwrite:  # explicit: the old run's files go before the new run writes any
+    for name in (CHECKPOINT, METRICS, "summary.json", "curves.png", "curves.svg"):
+      (out / name).unlink(missing_ok=True)
+  config = run_config(args, norm)
   model = models.LeNet(norm=norm, conv_impl=args.conv_impl)
-  key = jax.random.key(args.seed)
-  init_key, shuffle_key = jax.random.split(key)
+  init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
   state = train.create_train_state(model, init_key, args.lr)
   history: list[dict] = []
   start_epoch = 0
-  ckpt_path, metrics_path = out / "checkpoint", out / "metrics.json"
-  if args.resume and ckpt_path.exists():
-    state, start_epoch = restore_checkpoint(ckpt_path, state)
-    history = json.loads(metrics_path.read_text())["epochs"][:start_epoch] if metrics_path.exists() else []
+  progress.current = norm
+  if args.resume and ckpt_path.is_file():
+    state, start_epoch, history = restore_checkpoint(ckpt_path, state, config)
+    progress.saved[norm] = start_epoch
     print(f"[{norm}] resumed from {ckpt_path} after epoch {start_epoch}")
   elif args.resume:
-    print(f"[{norm}] --resume: no checkpoint at {ckpt_path}, starting from scratch")
+    print(f"[{norm}] --resume: no run in {out} yet, starting from scratch")
+  if start_epoch >= args.epochs:
+    raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
-  train_x, train_y = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-  test_x, test_y = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
   steps = train.steps_per_epoch(len(train_y), args.batch_size)
   for epoch in range(start_epoch, args.epochs):
     bar = tqdm(
@@ -169,7 +283,7 @@ def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace,
       "test_loss": te["loss"],
       "test_acc": te["acc"],
       "train_seconds": seconds,
-      "examples_per_sec": len(train_y) / seconds,
+      "examples_per_sec": int(metrics["count"]) / seconds,
     }
     history.append(row)
     print(
@@ -177,19 +291,19 @@ def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace,
       f"test acc {te['acc']:.3f}  {row['examples_per_sec']:,.0f} ex/s  ({seconds:.1f} s)",
       flush=True,
     )
-    # Everything is written after every epoch: an interruption loses at most the epoch in progress.
-    save_checkpoint(ckpt_path, state, epoch + 1)
-    metrics_path.write_text(
-      json.dumps({"bn": norm, "args": vars(args), "device": device_name(), "epochs": history}, indent=1)
+    # Metrics first, then the checkpoint (which carries the history too): an interruption between the
+    # two leaves a checkpoint one epoch behind metrics.json, and resume trims the history to it.
+    atomic_write_text(
+      metrics_path, json.dumps({"bn": norm, "args": vars(args), "device": device_name(), "epochs": history}, indent=1)
     )
-    plot_curves({norm: history}, out / "curves")
+    save_checkpoint(ckpt_path, state, epoch + 1, history, config)
+    progress.saved[norm] = epoch + 1
 
-  if not history:
-    raise SystemExit(f"[{norm}] nothing to do: the checkpoint is already at epoch {start_epoch} >= --epochs.")
+  plot_curves({norm: history}, out / "curves")
   last = history[-1]
   # Steady-state throughput: the first epoch also pays for compilation, so it is reported apart.
   timed = [h for h in history if h["epoch"] > 1] or history
-  ex_per_sec = len(train_y) * len(timed) / sum(h["train_seconds"] for h in timed)
+  ex_per_sec = sum(h["examples_per_sec"] * h["train_seconds"] for h in timed) / sum(h["train_seconds"] for h in timed)
   print(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}")
   print(f"{ex_per_sec:.1f} examples/sec on {device_name()}")
   if history[0]["epoch"] == 1 and len(history) > 1:
@@ -205,7 +319,7 @@ def run_variant(norm: str, dataset: data.FashionMNIST, args: argparse.Namespace,
     print(f"gamma (bn1 scale): {np.array2string(gamma, precision=4)}")
     print(f"beta  (bn1 bias):  {np.array2string(beta, precision=4)}")
     summary.update(gamma=gamma.tolist(), beta=beta.tolist())
-  (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
   return summary, history
 
 
@@ -224,29 +338,84 @@ def comparison_table(summaries: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
-  args = parse_args(argv)
+def enable_compile_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in ``directory``, with one line on stderr saying so (or why not)."""
+  import jax
+
+  path = Path(directory).expanduser()
   try:
-    dataset = data.load_fashion_mnist(args.data_dir, expect_full=not args.allow_partial_data)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test.{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    print(
+      f"note: compilation cache {path} cannot be written ({e.strerror or e}); compiling from scratch "
+      "(--compile-cache DIR to choose another, --no-compile-cache to silence this)",
+      file=sys.stderr,
+    )
+    return
+  entries = sum(1 for p in path.iterdir() if not p.name.startswith("."))
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  # LeNet's programs compile in well under JAX's default 1 s threshold; cache them all.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  print(f"compilation cache: {path} ({entries} programs cached; --no-compile-cache to bypass)", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
+  out = Path(args.out)
+  norms = list(NORMS) if args.bn == "all" else [args.bn]
+  check_out_dir(out, norms, args)  # before the imports and the data: a bad --out fails in a blink
+
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
+  import jax.numpy as jnp
+
+  from bnjax import data
+
+  try:
+    # Raw uint8 pixels: the training step scales them on the device (bit for bit as x / 255).
+    dataset = data.load_fashion_mnist(args.data_dir, expect_full=not args.allow_partial_data, pixels="uint8")
   except data.DataError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise RunError(str(e)) from None
   print(
     f"Fashion-MNIST from {dataset.source}: {len(dataset.train_labels)} train, {len(dataset.test_labels)} test; "
     f"device {device_name()}"
   )
-  out = Path(args.out)
-  norms = list(models.NORMS) if args.bn == "all" else [args.bn]
+  arrays = tuple(jnp.asarray(a) for a in dataset[:4])
   summaries, histories = [], {}
   for norm in norms:
-    summary, histories[norm] = run_variant(norm, dataset, args, out / norm)
+    summary, histories[norm] = run_variant(norm, arrays, args, out / norm, progress)
     summaries.append(summary)
   if len(summaries) > 1:
     table = comparison_table(summaries)
     print(table)
-    (out / "comparison.md").write_text(table + "\n")
+    atomic_write_text(out / "comparison.md", table + "\n")
     plot_curves(histories, out / "comparison")
   print(f"wrote {out.resolve()}")
   return summaries
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  progress = Progress()
+  try:
+    return run(args, progress)
+  except RunError as e:
+    raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # disk full, permissions changed mid-run: name the file, no traceback
+    where = f" ({e.filename})" if e.filename else ""
+    raise SystemExit(f"error: cannot write the run's files{where}: {e.strerror or e}") from None
+  except KeyboardInterrupt:
+    saved = [f"[{n}] epoch {e} in {Path(args.out) / n / CHECKPOINT}" for n, e in progress.saved.items()]
+    where = f" during [{progress.current}]" if progress.current else ""
+    print(
+      f"\nerror: interrupted{where}. Saved: {'; '.join(saved) or 'nothing yet'}. "
+      f"Continue with the same command plus --resume (--out {args.out}).",
+      file=sys.stderr,
+    )
+    raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -98,3 +98,44 @@ def test_the_real_data_set_from_the_debian_package():
   assert np.bincount(ds.train_labels).tolist() == [6000] * 10
   assert np.bincount(ds.test_labels).tolist() == [1000] * 10
   assert 0.25 < ds.train_images.mean() < 0.35  # Fashion-MNIST's mean pixel is about 0.286
+
+
+def test_a_gzip_bomb_is_rejected_after_the_header_without_inflating_it(tmp_path, fmnist_dir):
+  import tracemalloc
+
+  # A valid header for 512 images followed by ~400 MB of zeros, compressed to well under 1 MB.
+  path = fmnist_dir / "train-images-idx3-ubyte.gz"
+  with gzip.open(path, "wb", compresslevel=9) as f:
+    f.write(np.array([data.IMAGE_MAGIC, 512, 28, 28], ">u4").tobytes())
+    zeros = bytes(1 << 24)
+    for _ in range(25):
+      f.write(zeros)
+  assert path.stat().st_size < 1_000_000
+  tracemalloc.start()
+  with pytest.raises(data.DataError, match=r"should hold 401408 bytes .* but holds more than 401408"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 50_000_000, f"allocated {peak / 1e6:.0f} MB before rejecting the file"
+
+
+def test_a_header_announcing_more_than_the_real_data_set_is_rejected(fmnist_dir):
+  path = fmnist_dir / "t10k-labels-idx1-ubyte.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(np.array([data.LABEL_MAGIC, 4_000_000_000], ">u4").tobytes())
+  with pytest.raises(data.DataError, match=r"says it holds 4000000000 examples, more than Fashion-MNIST's 10000"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)
+
+
+def test_partial_data_message_names_the_flag(fmnist_dir):
+  with pytest.raises(data.DataError, match=r"holds 512 examples.*--allow-partial-data"):
+    data.load_idx_dir(fmnist_dir)
+
+
+def test_uint8_pixels_are_the_raw_bytes_of_the_float_ones(fmnist_dir):
+  floats = data.load_idx_dir(fmnist_dir, expect_full=False)
+  raw = data.load_idx_dir(fmnist_dir, expect_full=False, pixels="uint8")
+  assert raw.train_images.dtype == np.uint8 and raw.train_images.shape == floats.train_images.shape
+  np.testing.assert_array_equal(raw.train_images.astype(np.float32) / np.float32(255), floats.train_images)
+  with pytest.raises(ValueError, match=r"`pixels` is 'float64'"):
+    data.load_idx_dir(fmnist_dir, pixels="float64")

@@ -342,19 +342,28 @@ def test_property_any_shape_axis_dtype(shape, axis_seed, dtype, seed):
   "kwargs,error,pattern",
   [
     (dict(x=np.ones(4, np.float32)), ValueError, r"`x` has shape \(4,\) \(rank 1\).*rank >= 2"),
-    (dict(x=np.ones((4, 3), np.int32)), TypeError, r"`x` has dtype int32.*floating"),
+    (dict(x=np.array([["a", "b"]] * 4)), TypeError, r"`x` has dtype <U1.*numeric"),
     (dict(axis=2), ValueError, r"`axis` is 2.*rank 2.*\[-2, 1\]"),
     (dict(axis=(0, 1)), ValueError, r"`axis` is \(0, 1\).*every axis"),
-    (dict(axis=(1, -1)), ValueError, r"names the same axis twice"),
+    (dict(axis=(1, "a")), ValueError, r"`axis` is \(1, 'a'\).*int"),
     (dict(scale=np.ones(4)), ValueError, r"`scale` has shape \(4,\).*feature shape \(3,\)"),
     (dict(bias=np.ones((1, 3))), ValueError, r"`bias` has shape \(1, 3\).*feature shape \(3,\)"),
     (dict(stats=BatchStats(np.zeros(3), np.ones(2))), ValueError, r"`stats.var` has shape \(2,\)"),
     (dict(stats=(np.zeros(3), np.ones(3))), TypeError, r"`stats` is a tuple.*BatchStats"),
     (dict(momentum=1.5), ValueError, r"`momentum` is 1.5.*\[0, 1\]"),
     (dict(momentum=-0.1), ValueError, r"`momentum` is -0.1"),
-    (dict(epsilon=0.0), ValueError, r"`epsilon` is 0.0.*positive"),
-    (dict(x=np.ones((1, 3), np.float32)), ValueError, r"single value per feature.*batch of 1"),
-    (dict(x=np.ones((1, 3, 1, 1), np.float32), axis=1), ValueError, r"single value per feature"),
+    (dict(momentum=jnp.array(1.5)), ValueError, r"`momentum` is 1.5.*\[0, 1\]"),
+    (dict(momentum=np.float32(-2)), ValueError, r"`momentum` is -2.0"),
+    (dict(momentum="0.9"), TypeError, r"`momentum` is '0.9' \(str\).*real number"),
+    (dict(momentum=jnp.ones(3)), TypeError, r"`momentum` has shape \(3,\).*real scalar"),
+    (dict(epsilon=-1e-5), ValueError, r"`epsilon` is -1e-05.*>= 0"),
+    (dict(epsilon=float("nan")), ValueError, r"`epsilon` is nan.*finite"),
+    (dict(use_running_average=None), TypeError, r"`use_running_average` is None \(NoneType\).*bool"),
+    (dict(use_running_average="False"), TypeError, r"`use_running_average` is 'False' \(str\).*bool"),
+    (dict(use_running_average=0), TypeError, r"`use_running_average` is 0 \(int\).*bool"),
+    (dict(use_running_average=jnp.zeros(2, bool)), TypeError, r"`use_running_average` is .*bool"),
+    (dict(stats=BatchStats(np.zeros(3, np.int32), np.ones(3))), TypeError, r"`stats.mean` has dtype int32.*truncate"),
+    (dict(stats=BatchStats(np.zeros(3), np.ones(3, np.int64))), TypeError, r"`stats.var` has dtype int"),
     (dict(stats=None, use_running_average=True), ValueError, r"`stats` is None.*evaluation mode"),
   ],
 )
@@ -379,7 +388,150 @@ def test_checks_are_static_and_raise_under_jit():
     f(jnp.ones((4, 3)))
 
 
-def test_batch_of_one_with_spatial_dims_is_fine():
+def test_batch_of_one_with_spatial_dims_is_fine_and_silent(recwarn):
   x = np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)
   y, _ = batch_norm(x, None, None, init_batch_stats(3), use_running_average=False, axis=1)
-  assert np.all(np.isfinite(y))
+  assert np.all(np.isfinite(y)) and not recwarn.list
+
+
+# --- trust: no silent wrong statistics (issue 8) ------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("mapper", ["vmap", "pmap"])
+def test_an_all_masked_shard_adds_nothing_to_the_statistics(rng, fast, mapper):
+  # A padded last batch spread over devices: shard 2 holds only padding. It must not count as an example.
+  x = rng.normal(5.0, 1.0, (4, 8, 3)).astype(np.float32)
+  mask = np.ones((4, 8, 1), bool)
+  mask[2] = False
+  x[2] = 1e6  # padding garbage must not leak either
+
+  def step(x, m):
+    return batch_norm(
+      x,
+      None,
+      None,
+      init_batch_stats(3),
+      use_running_average=False,
+      momentum=0.5,
+      axis_name="d",
+      mask=m,
+      use_fast_variance=fast,
+    )
+
+  mapped = jax.vmap(step, axis_name="d") if mapper == "vmap" else jax.pmap(step, axis_name="d")
+  y, new = mapped(x, mask)
+  valid = x[[0, 1, 3]].reshape(-1, 3).astype(np.float64)
+  kind = "framework" if fast else "rounding"
+  for i in range(4):
+    assert_trees_close((new.mean[i], new.var[i]), (0.5 * valid.mean(0), 0.5 + 0.5 * valid.var(0)), kind)
+  y_whole, _ = batch_norm(valid.astype(np.float32), None, None, None, use_running_average=False)
+  assert_trees_close(np.asarray(y)[[0, 1, 3]].reshape(-1, 3), y_whole, kind)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_feature_with_no_valid_example_keeps_its_running_statistics(rng, fast):
+  x = rng.normal(2.0, 3.0, (8, 3)).astype(np.float32)
+  mask = np.ones((8, 3), bool)
+  mask[:, 1] = False  # feature 1 never has a valid value
+  stats = BatchStats(jnp.array([0.0, 0.7, 0.0]), jnp.array([1.0, 2.5, 1.0]))
+  scale, bias = jnp.array([1.0, 2.0, 1.0]), jnp.array([0.0, 0.5, 0.0])
+  for _ in range(3):
+    y, stats = batch_norm(
+      x, scale, bias, stats, use_running_average=False, momentum=0.9, mask=mask, use_fast_variance=fast
+    )
+  np.testing.assert_array_equal((stats.mean[1], stats.var[1]), (np.float32(0.7), np.float32(2.5)))
+  np.testing.assert_array_equal(np.asarray(y)[:, 1], 0.5)  # documented: xhat = 0, so y = bias
+  assert_trees_close(np.asarray(stats.mean)[[0, 2]], (1 - 0.9**3) * x[:, [0, 2]].astype(np.float64).mean(0))
+  g = jax.grad(lambda x: jnp.sum(batch_norm(x, scale, bias, None, use_running_average=False, mask=mask)[0]))(x)
+  np.testing.assert_array_equal(np.asarray(g)[:, 1], 0.0)
+  assert np.all(np.isfinite(g))
+  # An all-False mask: nothing changes at all.
+  _, same = batch_norm(x, None, None, stats, use_running_average=False, mask=np.zeros((8, 1), bool))
+  assert_trees_close(same, stats)
+
+
+def test_float64_inputs_keep_float64_running_statistics():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = 1e8 + rng.standard_normal((256, 3))
+    stats = init_batch_stats(3, jnp.float64)
+    for _ in range(50):
+      _, stats = batch_norm(x, None, None, stats, use_running_average=False, momentum=0.5)
+    assert stats.mean.dtype == jnp.float64 and stats.var.dtype == jnp.float64
+    y, _ = batch_norm(x, None, None, stats, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(y).mean(0), 0.0, atol=1e-3)
+    # float32 statistics are promoted by a float64 batch rather than rounded down
+    _, promoted = batch_norm(x, None, None, init_batch_stats(3), use_running_average=False)
+    assert promoted.mean.dtype == jnp.float64
+
+
+def test_a_traced_mode_selects_between_training_and_evaluation(rng):
+  x, gamma, beta = random_case(rng, (16, 4), (1,))
+  stats = BatchStats(jnp.full(4, 0.3), jnp.full(4, 2.0))
+  f = jax.jit(lambda x, mode: batch_norm(x, gamma, beta, stats, use_running_average=mode))
+  for mode in (False, True):
+    assert_trees_close(f(x, jnp.asarray(mode)), batch_norm(x, gamma, beta, stats, use_running_average=mode))
+  assert_trees_close(batch_norm(x, gamma, beta, stats, use_running_average=np.bool_(True)), f(x, True))
+
+
+def test_a_batch_of_one_normalizes_to_bias_with_a_warning():
+  x = np.arange(5.0, dtype=np.float32)[None]
+  with pytest.warns(UserWarning, match=r"single value per feature"):
+    y, stats = batch_norm(x, None, jnp.full(5, 0.25), init_batch_stats(5), use_running_average=False, momentum=0.0)
+  np.testing.assert_array_equal(y, 0.25)
+  assert_trees_close(stats, BatchStats(x[0], np.zeros(5)))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_complex_input_is_normalized_by_its_modulus_variance(rng, fast, with_mask):
+  x = (rng.standard_normal((16, 3, 2)) + 1j * rng.standard_normal((16, 3, 2)) + (1 - 2j)).astype(np.complex64)
+  mask = rng.random((16, 3, 1)) < 0.7 if with_mask else None
+  where = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+  y, stats = batch_norm(
+    x, None, None, init_batch_stats(2), use_running_average=False, momentum=0.9, mask=mask, use_fast_variance=fast
+  )
+  assert y.dtype == jnp.complex64 and stats.mean.dtype == jnp.complex64 and stats.var.dtype == jnp.float32
+  xd = x.astype(np.complex128)
+  mean = xd.mean((0, 1), where=where)
+  var = (np.abs(xd - mean) ** 2).mean((0, 1), where=where)
+  assert_trees_close((stats.mean, stats.var), (0.1 * mean, 0.9 + 0.1 * var), "framework")
+  assert_trees_close(np.asarray(y)[where], ((xd - mean) / np.sqrt(var + 1e-5))[where], "framework")
+  # the closed-form derivative holds for complex input too (compared with autodiff of the formula)
+  w = rng.standard_normal(x.shape).astype(np.float32)
+
+  def loss(x):
+    y = batch_norm(x, None, None, None, use_running_average=False, mask=mask)[0]
+    return jnp.sum(jnp.where(where, w * jnp.abs(y) ** 2, 0.0))
+
+  def loss_ref(x):
+    m = jnp.mean(x, (0, 1), where=where)
+    v = jnp.mean(jnp.abs(x - m) ** 2, (0, 1), where=where)
+    return jnp.sum(jnp.where(where, w * jnp.abs((x - m) / jnp.sqrt(v + 1e-5)) ** 2, 0.0))
+
+  g, g_ref = jax.grad(loss)(x), jax.grad(loss_ref)(x)
+  assert_trees_close(np.asarray(g)[where], np.asarray(g_ref)[where], "framework")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_])
+def test_integer_and_bool_inputs_are_promoted_to_float32(rng, dtype):
+  x = rng.integers(0, 2 if dtype == np.bool_ else 50, (32, 3)).astype(dtype)
+  y, stats = batch_norm(x, None, None, init_batch_stats(3), use_running_average=False)
+  y_float, stats_float = batch_norm(x.astype(np.float32), None, None, init_batch_stats(3), use_running_average=False)
+  assert y.dtype == jnp.float32
+  assert_trees_close((y, stats), (y_float, stats_float))
+
+
+def test_a_repeated_axis_counts_once(rng):
+  x, gamma, beta = random_case(rng, (8, 3, 4), (1,))
+  stats = init_batch_stats(3)
+  expected = batch_norm(x, gamma, beta, stats, use_running_average=False, axis=1)
+  assert_trees_close(batch_norm(x, gamma, beta, stats, use_running_average=False, axis=(1, -2, 1)), expected)
+
+
+def test_epsilon_zero_is_allowed(rng):
+  x, gamma, beta = random_case(rng, (32, 3), (1,))
+  y, _ = batch_norm(x, gamma, beta, init_batch_stats(3), use_running_average=False, epsilon=0.0)
+  ref, _, _ = reference_batch_norm(x, gamma, beta, 0.0, 1.0, feature_axes=(1,), train=True, eps=0.0)
+  assert_trees_close(y, ref, "framework")

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_fmnist_dir
 from tolerance import assert_trees_close
 
 from experiments import lenet_fmnist
@@ -19,6 +20,7 @@ def cli(fmnist_dir, out, *extra):
     "--batch-size",
     "64",
     "--no-progress",
+    "--no-compile-cache",
     *extra,
   ]
 
@@ -38,10 +40,11 @@ def test_end_to_end_writes_metrics_plot_checkpoint_and_prints_the_chapter_lines(
     assert (run / name).stat().st_size > 1000, name
   assert json.loads((run / "summary.json").read_text())["test_acc"] == last_acc(metrics)
   assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert (run / "checkpoint").is_dir()
+  assert (run / "checkpoint.msgpack").is_file()
+  assert not list(run.glob(".*.tmp")), "temporary files left behind"
   last = metrics["epochs"][-1]
   assert f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}" in printed
-  assert "examples/sec on cpu:0" in printed and "gamma (bn1 scale):" in printed and "beta  (bn1 bias):" in printed
+  assert "examples/sec on cpu:0\n" in printed and "gamma (bn1 scale):" in printed and "beta  (bn1 bias):" in printed
   assert len(summary["gamma"]) == 6
 
 
@@ -72,8 +75,159 @@ def test_missing_data_exits_with_one_clear_message(tmp_path):
     lenet_fmnist.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0")])
-def test_bad_flags_are_rejected(flag, value, capsys):
-  with pytest.raises(SystemExit):
+@pytest.mark.parametrize(
+  "flag,value",
+  [
+    ("--epochs", "0"),
+    ("--batch-size", "-1"),
+    ("--batch-size", "1"),
+    ("--lr", "0"),
+    ("--lr", "nan"),
+    ("--lr", "inf"),
+    ("--seed", "-1"),
+    ("--seed", str(2**32)),
+  ],
+)
+def test_bad_flags_are_rejected_with_one_error_line(flag, value, capsys):
+  with pytest.raises(SystemExit) as exit_info:
     lenet_fmnist.parse_args([flag, value])
-  assert flag in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and f"error: {flag} is {value}" in err and "Traceback" not in err
+
+
+# --- nothing lost, nothing overwritten without asking (issue 8) ------------------------------------
+
+
+def test_an_existing_run_is_not_replaced_without_asking(fmnist_dir, tmp_path):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  before = (tmp_path / "run" / "ours" / "checkpoint.msgpack").read_bytes()
+  with pytest.raises(SystemExit, match=r"error: .*ours already holds a run; pass --resume .* --overwrite .* new --out"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  assert (tmp_path / "run" / "ours" / "checkpoint.msgpack").read_bytes() == before
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite", "--seed", "1"))
+  assert (tmp_path / "run" / "ours" / "checkpoint.msgpack").read_bytes() != before
+
+
+def test_resume_refuses_a_run_directory_without_a_checkpoint(fmnist_dir, tmp_path):
+  (tmp_path / "run" / "ours").mkdir(parents=True)
+  (tmp_path / "run" / "ours" / "metrics.json").write_text('{"epochs": []}')
+  with pytest.raises(SystemExit, match=r"error: --resume: .*ours exists but holds no checkpoint .*--overwrite"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--resume"))
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "0.5"), ("--batch-size", "32"), ("--seed", "3")])
+def test_resume_with_other_settings_is_refused(fmnist_dir, tmp_path, flag, value):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  with pytest.raises(SystemExit, match=rf"error: --resume: .*belongs to a run with {flag} .*\(now {value}"):
+    lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"), flag, value])
+
+
+def test_a_corrupted_checkpoint_is_named_on_resume(fmnist_dir, tmp_path):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
+  ckpt.write_bytes(ckpt.read_bytes()[:1000])
+  with pytest.raises(SystemExit, match=r"error: checkpoint .*checkpoint.msgpack cannot be restored .*truncated") as e:
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
+  assert len(str(e.value)) < 600, "one line, not a dump"
+
+
+def test_a_truncated_metrics_file_is_rebuilt_from_the_checkpoint(fmnist_dir, tmp_path):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2"))
+  metrics = tmp_path / "run" / "ours" / "metrics.json"
+  metrics.write_text(metrics.read_text()[:50])
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "3", "--resume"))
+  assert [e["epoch"] for e in json.loads(metrics.read_text())["epochs"]] == [1, 2, 3]
+
+
+def test_out_must_be_a_writable_directory_checked_before_the_data(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  nowhere = ["--data-dir", str(tmp_path / "no-data"), "--no-compile-cache"]
+  with pytest.raises(SystemExit, match=r"error: --out .*file is an existing file, not a directory"):
+    lenet_fmnist.main(["--out", str(a_file), *nowhere])
+  with pytest.raises(SystemExit, match=r"error: --out .*file/sub is not writable"):
+    lenet_fmnist.main(["--out", str(a_file / "sub"), *nowhere])
+
+
+def test_a_last_batch_of_one_example_is_dropped_not_fatal(tmp_path):
+  d = make_fmnist_dir(tmp_path / "d", n_train=129, n_test=16)
+  (summary,) = lenet_fmnist.main(cli(d, tmp_path / "run", "--epochs", "1"))
+  metrics = json.loads((tmp_path / "run" / "ours" / "metrics.json").read_text())
+  assert np.isfinite(summary["train_loss"]) and metrics["epochs"][0]["examples_per_sec"] > 0
+
+
+# --- whole processes: kills, Ctrl-C, the compilation cache -----------------------------------------
+
+
+def launch(fmnist_dir, out, *extra, cache=None):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parents[1]
+  flags = ["--compile-cache", str(cache)] if cache else ["--no-compile-cache"]
+  args = [a for a in cli(fmnist_dir, out, *extra) if a != "--no-compile-cache"] + flags
+  return subprocess.Popen(
+    [sys.executable, "-m", "experiments.lenet_fmnist", *args],
+    cwd=root,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+  )
+
+
+def wait_for_epoch_line(proc, n_lines=1, timeout=120):
+  import time
+
+  deadline, seen = time.time() + timeout, 0
+  while seen < n_lines:
+    line = proc.stdout.readline()
+    assert line and time.time() < deadline, f"no epoch line from the child: {proc.stderr.read()}"
+    seen += "] epoch" in line
+
+
+def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_path):
+  """The kill test: SIGKILL while epochs (and their saves) are under way, several times; resume always works."""
+  import random
+  import time
+
+  out, cache = tmp_path / "run", tmp_path / "cache"
+  random.seed(0)
+  for attempt in range(3):
+    proc = launch(fmnist_dir, out, "--epochs", "60", *(["--resume"] if attempt else []), cache=cache)
+    wait_for_epoch_line(proc)
+    time.sleep(random.uniform(0.0, 0.5))  # lands anywhere in an epoch, including inside a save
+    proc.kill()
+    proc.communicate()
+    assert (out / "ours" / "checkpoint.msgpack").is_file()
+    assert json.loads((out / "ours" / "metrics.json").read_text())["epochs"]
+  (summary,) = lenet_fmnist.main(cli(fmnist_dir, out, "--epochs", "62", "--resume"))
+  history = json.loads((out / "ours" / "metrics.json").read_text())["epochs"]
+  assert [e["epoch"] for e in history] == list(range(1, 63)) and np.isfinite(summary["train_loss"])
+
+
+def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(fmnist_dir, tmp_path):
+  import signal
+
+  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "60", cache=tmp_path / "cache")
+  wait_for_epoch_line(proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and "compilation cache:" in err
+  (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+  assert "interrupted during [ours]" in line and "checkpoint.msgpack" in line and "--resume" in line
+  assert (
+    not list((tmp_path / "run" / "ours").glob(".*.tmp")) and not (tmp_path / "run" / "ours" / "curves.svg").exists()
+  )
+
+
+def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnist_dir, tmp_path):
+  blocker = tmp_path / "cache-is-a-file"
+  blocker.write_text("")
+  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1", cache=blocker / "sub")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert err.count("note: compilation cache") == 1 and "cannot be written" in err

@@ -157,3 +157,114 @@ def test_rank_one_input_is_rejected_clearly():
 def test_bad_momentum_is_rejected_clearly():
   with pytest.raises(ValueError, match=r"`momentum` is 2.0"):
     bnjax.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), jnp.ones((4, 3)))
+
+
+# --- Flax's own linen BatchNorm tests (google/flax tests/linen/linen_test.py), with bnjax.BatchNorm ---
+# Their specification restated: normalized output of mean 0 / var 1 over the valid entries, running
+# statistics after one step from init, complex input, NaN padding under a mask, two calls at init.
+
+
+def _flax_spec_case(dtype, with_mask):
+  key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key1, (4, 3, 2), dtype=dtype)
+  m = None
+  if with_mask:
+    m = jax.random.randint(key2, (4, 3, 1), minval=0, maxval=2, dtype=jnp.int32).astype(jnp.bool_)
+    x = jnp.where(m, x, jnp.ones_like(x) * jnp.nan)
+  return key3, x, m
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64], ids=["real", "complex"])
+def test_flax_linen_batch_norm_spec(dtype, with_mask):
+  key, x, m = _flax_spec_case(dtype, with_mask)
+  kwargs = {"dtype": jnp.complex64} if dtype == jnp.complex64 else {}
+  bn = bnjax.BatchNorm(momentum=0.9, use_running_average=False, **kwargs)
+  y, variables = bn.init_with_output(key, x, mask=m)
+  np.testing.assert_allclose(y.mean((0, 1), where=m), np.zeros(2), atol=1e-4)
+  np.testing.assert_allclose(y.var((0, 1), where=m), np.ones(2), rtol=1e-4)
+  assert y.dtype == dtype
+  _, updates = bn.apply(variables, x, mutable=["batch_stats"], mask=m)
+  ema = updates["batch_stats"]
+  np.testing.assert_allclose(ema["mean"], 0.1 * x.mean((0, 1), where=m), atol=1e-4)
+  np.testing.assert_allclose(ema["var"], 0.9 + 0.1 * x.var((0, 1), where=m), rtol=1e-4)
+
+
+def test_flax_linen_batch_norm_multi_init_spec():
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      norm = bnjax.BatchNorm(name="norm", use_running_average=False, axis_name="batch")
+      x = norm(x)
+      return x, norm(x)
+
+  (y1, y2), _ = Twice().init_with_output(jax.random.key(0), jax.random.normal(jax.random.key(1), (2, 4)))
+  np.testing.assert_allclose(y1, y2, rtol=0.005)
+
+
+# --- drop-in breaks that used to raise (issue 8) ------------------------------------------------
+
+
+def test_a_batch_of_one_example_inits_and_trains_like_flax():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool, norm=bnjax.BatchNorm):
+      return norm(use_running_average=not train)(nn.Dense(8)(x))
+
+  x = jnp.ones((1, 784))
+  variables = Net().init(jax.random.key(0), x, train=True)  # the common one-example init
+  ours = Net().apply(variables, x, train=True, mutable=["batch_stats"])
+  theirs = Net().apply(variables, x, train=True, mutable=["batch_stats"], norm=nn.BatchNorm)
+  assert_trees_close(ours, theirs)
+
+
+def test_float64_parameters_keep_float64_statistics_and_eval_is_centred():
+  with jax.enable_x64(True):
+    x = 1e8 + np.random.default_rng(0).standard_normal((256, 3))
+    bn = bnjax.BatchNorm(momentum=0.5, param_dtype=jnp.float64)
+    variables = bn.init(jax.random.key(0), x, use_running_average=False)
+    assert variables["batch_stats"]["mean"].dtype == jnp.float64
+    for _ in range(60):
+      _, upd = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+      variables = {**variables, **upd}
+    y = bn.apply(variables, x, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(y).mean(0), 0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("x", [np.arange(12, dtype=np.int32).reshape(4, 3), np.eye(4, 3, dtype=bool)])
+def test_integer_and_bool_inputs_are_promoted_like_flax(x):
+  ours, theirs = bnjax.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)
+  variables = theirs.init(jax.random.key(0), x)
+  y, upd = ours.apply(variables, x, mutable=["batch_stats"])
+  assert y.dtype == jnp.float32
+  assert_trees_close((y, upd), theirs.apply(variables, x, mutable=["batch_stats"]))
+
+
+def test_duplicated_axes_and_zero_epsilon_are_accepted_like_flax(rng):
+  x = (1.0 + rng.standard_normal((8, 3, 4))).astype(np.float32)
+  for kwargs in (dict(axis=(1, 1)), dict(axis=(1, -2)), dict(epsilon=0.0)):
+    ours = bnjax.BatchNorm(use_running_average=False, use_fast_variance=True, **kwargs)
+    theirs = nn.BatchNorm(use_running_average=False, **kwargs)
+    variables = theirs.init(jax.random.key(0), x)
+    assert_trees_close(
+      ours.apply(variables, x, mutable=["batch_stats"]),
+      theirs.apply(variables, x, mutable=["batch_stats"]),
+      "framework",
+    )
+
+
+def test_a_traced_train_flag_under_jit(rng):
+  x = rng.standard_normal((8, 3)).astype(np.float32)
+  bn = bnjax.BatchNorm(momentum=0.9)
+  variables = bn.init(jax.random.key(0), x, use_running_average=True)
+  f = jax.jit(lambda v, x, mode: bn.apply(v, x, use_running_average=mode, mutable=["batch_stats"]))
+  for mode in (False, True):
+    expected = bn.apply(variables, x, use_running_average=mode, mutable=["batch_stats"])
+    if mode:
+      expected = (expected[0], {"batch_stats": variables["batch_stats"]})
+    assert_trees_close(f(variables, x, jnp.asarray(mode)), expected)
+
+
+def test_a_string_mode_is_rejected():
+  with pytest.raises(TypeError, match=r"`use_running_average` is 'False' \(str\)"):
+    bnjax.BatchNorm(use_running_average="False").init(jax.random.key(0), jnp.ones((4, 3)))

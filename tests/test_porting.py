@@ -52,3 +52,59 @@ def test_wrong_shapes_are_rejected():
     porting.batch_norm_from_torch(
       {"1.weight": np.ones(3), "1.bias": np.zeros(3), "1.running_mean": np.zeros(4), "1.running_var": np.ones(3)}, "1"
     )
+
+
+def lenet_state_dict(with_bn=True):
+  """A state dict with the chapter's BN LeNet keys and shapes (values do not matter here)."""
+  sd = {}
+  for ours, theirs in (porting.LENET_BN_LAYOUT if with_bn else porting.LENET_PLAIN_LAYOUT).items():
+    shape = {"conv1": (6, 1, 5, 5), "conv2": (16, 6, 5, 5), "fc1": (120, 256), "fc2": (84, 120), "fc3": (10, 84)}
+    if ours.startswith("bn"):
+      c = {"bn1": 6, "bn2": 16, "bn3": 120, "bn4": 84}[ours]
+      for name in ("weight", "bias", "running_mean", "running_var"):
+        sd[f"{theirs}.{name}"] = np.ones(c, np.float32)
+      sd[f"{theirs}.num_batches_tracked"] = np.array(3)
+    else:
+      sd[f"{theirs}.weight"] = np.zeros(shape[ours], np.float32)
+      sd[f"{theirs}.bias"] = np.zeros(shape[ours][0], np.float32)
+  return sd
+
+
+def test_unknown_keys_are_an_error_unless_not_strict():
+  sd = {**lenet_state_dict(), "16.weight": np.zeros(3), "1.extra": np.zeros(1)}
+  with pytest.raises(KeyError, match=r"does not use: \['1.extra', '16.weight'\]\. Pass strict=False"):
+    porting.lenet_from_torch(sd)
+  assert set(porting.lenet_from_torch(sd, strict=False)["params"]) == {
+    "conv1",
+    "bn1",
+    "conv2",
+    "bn2",
+    "fc1",
+    "bn3",
+    "fc2",
+    "bn4",
+    "fc3",
+  }
+
+
+def test_a_missing_batch_norm_key_is_named_not_a_neighbours():
+  sd = lenet_state_dict()
+  del sd["1.weight"]
+  with pytest.raises(
+    KeyError, match=r"no '1.weight' or '1.gamma' for a BatchNorm layer; keys of that module: \['1.bias'"
+  ):
+    porting.lenet_from_torch(sd)
+  plain = lenet_state_dict(with_bn=False)
+  del plain["3.bias"]
+  with pytest.raises(KeyError, match=r"^state_dict has no '3.bias'"):
+    porting.lenet_from_torch(plain)
+
+
+def test_a_data_parallel_prefix_is_recognised():
+  sd = lenet_state_dict()
+  wrapped = {f"module.{k}": v for k, v in sd.items()}
+  unwrapped = porting.lenet_from_torch(wrapped)
+  assert set(unwrapped["batch_stats"]) == {"bn1", "bn2", "bn3", "bn4"}
+  partly = {**sd, "module.0.weight": sd["0.weight"]}
+  with pytest.raises(KeyError, match=r"'module\.' prefix is removed only when every key has it"):
+    porting.lenet_from_torch(partly)

@@ -31,8 +31,8 @@ def assert_trees_close(actual, expected, kind: str = "rounding"):
   e_leaves, e_tree = jax.tree_util.tree_flatten(expected)
   assert a_tree == e_tree, f"tree structures differ: {a_tree} vs {e_tree}"
   for i, (a, e) in enumerate(zip(a_leaves, e_leaves, strict=True)):
-    a = np.asarray(a, np.float64)
-    e = np.asarray(e, np.float64)
+    wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(e) else np.float64
+    a, e = np.asarray(a, wide), np.asarray(e, wide)
     assert a.shape == e.shape, f"leaf {i}: shape {a.shape} vs {e.shape}"
     np.testing.assert_allclose(a, e, err_msg=f"leaf {i} ({kind} tolerance)", **tol)
 
@@ -40,7 +40,7 @@ def assert_trees_close(actual, expected, kind: str = "rounding"):
 def max_abs_diff(actual, expected) -> float:
   """Largest absolute difference over all leaves (for reports)."""
   diffs = jax.tree_util.tree_map(
-    lambda a, e: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64)))), actual, expected
+    lambda a, e: float(np.max(np.abs(np.asarray(a, np.complex128) - np.asarray(e, np.complex128)))), actual, expected
   )
   return max(jax.tree_util.tree_leaves(diffs))
 

@@ -1,0 +1,44 @@
+"""README.md's examples are executable documentation: every ```python block runs as pasted, on its own,
+and the lines the README quotes from the experiment's output are the lines it prints."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+  return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+@pytest.mark.parametrize("code", blocks("python"), ids=lambda c: c.strip().splitlines()[-1][:50])
+def test_every_python_block_runs_on_its_own(code, monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)  # `experiments` is importable from the repository root, as in the README
+  exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_the_readme_has_python_blocks():
+  assert len(blocks("python")) >= 4
+
+
+def as_pattern(line: str) -> str:
+  """A quoted output line with its numbers (and the arrays of gamma/beta) made variable."""
+  pattern = re.escape(line.strip())
+  pattern = re.sub(r"\\\[.*\\\]", r"\\[.*\\]", pattern)  # gamma/beta arrays
+  return re.sub(r"-?\d[\d,]*(\\\.\d+)?", r"-?[\\d,]+(\\.\\d+)?", pattern)
+
+
+def test_quoted_experiment_output_matches_what_it_prints(fmnist_dir, tmp_path, capsys):
+  from experiments import lenet_fmnist
+
+  (quoted,) = [b for b in blocks("text") if "examples/sec on" in b]
+  args = ["--data-dir", str(fmnist_dir), "--allow-partial-data", "--batch-size", "64"]
+  lenet_fmnist.main([*args, "--out", str(tmp_path / "o"), "--epochs", "2", "--no-progress", "--no-compile-cache"])
+  printed = capsys.readouterr().out
+  for line in quoted.strip().splitlines():
+    if line.startswith("$") or "..." in line:
+      continue
+    assert re.search(as_pattern(line), printed), f"README quotes {line!r}, which the experiment does not print"
