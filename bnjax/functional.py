@@ -177,7 +177,65 @@ def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
     raise ValueError(f"`epsilon` is {eps}, but should be a finite number >= 0.")
 
 
-def _local_moments(x, reduction_axes, mask):
+def _fold_factor(rows: int, features: int) -> int:
+  """How many rows to fold into the lane axis of a ``(rows, features)`` view, see :class:`Layout`."""
+  if features >= 64:
+    return 1
+  for k in (1, 2, 4, 8, 16, 32, 64):
+    if rows % k == 0 and k * features >= 32 and (k * features) % 8 == 0:
+      return k
+  return 1
+
+
+class Layout:
+  """How per-feature reductions and broadcasts are spelled for one input shape and feature axes.
+
+  With the features on the trailing axes (NHWC, (N, F), ...) a per-feature sum views its operand as
+  a matrix ``(rows / k, k * F)``, sums down the columns and finishes with a tiny ``(k, F)`` sum. A
+  trailing axis of a few channels (LeNet's 6) is otherwise a poor vector lane: on CPU, XLA's column
+  sums over ``(N, H, W, 6)`` ran about 5x slower than over the folded ``(N*H*W/8, 48)`` view, and the
+  LeNet training step about 8% faster with it. The view is a free reshape, and elementwise work stays
+  in the input's layout, so it still fuses with its neighbours. Per-feature arrays are flat ``(F,)``
+  there. Other layouts (NCHW, non-trailing feature axes) reduce over their axes directly, with
+  feature-shaped per-feature arrays. ``to_work``/``per_feature_to_work``/``per_feature_from_work``
+  convert to and from the working forms.
+  """
+
+  def __init__(self, shape: tuple[int, ...], feature_axes: tuple[int, ...]):
+    ndim = len(shape)
+    self.shape, self.feature_axes = tuple(shape), feature_axes
+    self.feature_shape = tuple(shape[a] for a in feature_axes)
+    features = math.prod(self.feature_shape)
+    self.count = math.prod(shape) // max(features, 1)  # values per feature
+    self.flat = feature_axes == tuple(range(ndim - len(feature_axes), ndim)) and features > 0
+    self.fold = _fold_factor(self.count, features) if self.flat else 1
+    self.reduction_axes = tuple(a for a in range(ndim) if a not in feature_axes)
+
+  def to_work(self, x: jax.Array) -> jax.Array:
+    """An input-shaped array, or a mask broadcastable to it, in the working shape (the input's)."""
+    return jnp.broadcast_to(x, self.shape)
+
+  def per_feature_to_work(self, v: jax.Array) -> jax.Array:
+    return jnp.reshape(v, -1) if self.flat else v
+
+  def per_feature_from_work(self, v: jax.Array) -> jax.Array:
+    return jnp.reshape(v, self.feature_shape)
+
+  def sum(self, v: jax.Array) -> jax.Array:
+    """Per-feature sum of a working-shape array."""
+    if self.flat:
+      total = jnp.sum(v.reshape(self.count // self.fold, -1), 0)
+      return total.reshape(self.fold, -1).sum(0) if self.fold > 1 else total
+    return jnp.sum(v, self.reduction_axes)
+
+  def expand(self, v: jax.Array) -> jax.Array:
+    """A per-feature array, ready to broadcast against a working-shape array."""
+    if self.flat:
+      return v.reshape(self.feature_shape)  # trailing axes: NumPy broadcasting lines them up
+    return jnp.expand_dims(v, self.reduction_axes)
+
+
+def _local_moments(x, layout: Layout, mask):
   """Per-feature (count, mean, M2 = sum of squared deviations) of this shard.
 
   Shifted two-pass form: a first mean ``m1`` (which may carry float32
@@ -190,54 +248,51 @@ def _local_moments(x, reduction_axes, mask):
   count stays 0, so the shard drops out of any combination by counts.
   """
   if mask is None:
-    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), real_dtype(x.dtype))
-    m1 = lax.stop_gradient(jnp.mean(x, reduction_axes, keepdims=True))
-    d = x - m1
-    mean_d = jnp.mean(d, reduction_axes, keepdims=True)
-    mean_d2 = jnp.mean(_abs2(d), reduction_axes)
+    count = jnp.asarray(float(layout.count), real_dtype(x.dtype))
+    m1 = lax.stop_gradient(layout.sum(x) / count)
+    d = x - layout.expand(m1)
+    mean_d = layout.sum(d) / count
+    mean_d2 = layout.sum(_abs2(d)) / count
   else:
-    mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-    count = jnp.sum(mask, reduction_axes, dtype=real_dtype(x.dtype))
-    safe_k = jnp.expand_dims(jnp.maximum(count, 1.0), reduction_axes)
-    m1 = lax.stop_gradient(jnp.sum(jnp.where(mask, x, 0.0), reduction_axes, keepdims=True) / safe_k)
+    count = layout.sum(mask.astype(real_dtype(x.dtype)))
+    safe = jnp.maximum(count, 1.0)
+    m1 = lax.stop_gradient(layout.sum(jnp.where(mask, x, 0.0)) / safe)
     # Zero the masked positions before squaring so padding (even inf) never leaks into values or grads.
-    d = jnp.where(mask, x - m1, 0.0)
-    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / safe_k
-    mean_d2 = jnp.sum(_abs2(d), reduction_axes) / jnp.squeeze(safe_k, reduction_axes)
-  mean = jnp.squeeze(m1 + mean_d, reduction_axes)
-  var = jnp.maximum(mean_d2 - _abs2(jnp.squeeze(mean_d, reduction_axes)), 0.0)
-  return count, mean, var * count
+    d = jnp.where(mask, x - layout.expand(m1), 0.0)
+    mean_d = layout.sum(d) / safe
+    mean_d2 = layout.sum(_abs2(d)) / safe
+  var = jnp.maximum(mean_d2 - _abs2(mean_d), 0.0)
+  return count, m1 + mean_d, var * count
 
 
-def _fast_moments(x, reduction_axes, mask):
+def _fast_moments(x, layout: Layout, mask):
   """Per-feature (count, sum, sum of |x|^2): one fused pass, unstable when |mean| >> std."""
   if mask is None:
-    count = jnp.asarray(float(math.prod(x.shape[a] for a in reduction_axes)), real_dtype(x.dtype))
-    return count, jnp.sum(x, reduction_axes), jnp.sum(_abs2(x), reduction_axes)
-  mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+    count = jnp.asarray(float(layout.count), real_dtype(x.dtype))
+    return count, layout.sum(x), layout.sum(_abs2(x))
   x = jnp.where(mask, x, 0.0)
-  count = jnp.sum(mask, reduction_axes, dtype=real_dtype(x.dtype))
-  return count, jnp.sum(x, reduction_axes), jnp.sum(_abs2(x), reduction_axes)
+  count = layout.sum(mask.astype(real_dtype(x.dtype)))
+  return count, layout.sum(x), layout.sum(_abs2(x))
 
 
 def batch_moments(
   x: jax.Array,
-  reduction_axes: tuple[int, ...],
+  layout: Layout,
   *,
   mask: jax.Array | None = None,
   axis_name: str | None = None,
   axis_index_groups: Any = None,
   use_fast_variance: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-feature ``(mean, biased var, count)`` over ``reduction_axes`` (and ``axis_name``).
+  """Per-feature ``(mean, biased var, count)`` of a working-shape ``x`` (and across ``axis_name``).
 
-  ``x`` should already be in the reduction dtype. Across a named axis the shards'
-  moments travel in one collective: a gather (as one ``psum``) of every shard's
-  (count, mean, M2), combined with Chan et al.'s formula for the stable
-  variance, or one ``psum`` of (count, sum, sum of squares) for the fast one.
+  ``x`` (and ``mask``) should already be in the reduction dtype and ``layout``'s working shape.
+  Across a named axis the shards' moments travel in one collective: a gather (as one ``psum``) of
+  every shard's (count, mean, M2), combined with Chan et al.'s formula for the stable variance, or
+  one ``psum`` of (count, sum, sum of squares) for the fast one.
   """
   if use_fast_variance:
-    count, s1, s2 = _fast_moments(x, reduction_axes, mask)
+    count, s1, s2 = _fast_moments(x, layout, mask)
     if axis_name is not None:
       # One collective: the three moments stacked (count and sum of |x|^2 are real parts of the stack).
       stacked = jnp.stack(jnp.broadcast_arrays(count.astype(s1.dtype), s1, s2.astype(s1.dtype)))
@@ -247,7 +302,7 @@ def batch_moments(
     mean = s1 / safe
     return mean, jnp.maximum(s2 / safe - _abs2(mean), 0.0), jnp.broadcast_to(count, mean.shape)
 
-  count, mean, m2 = _local_moments(x, reduction_axes, mask)
+  count, mean, m2 = _local_moments(x, layout, mask)
   if axis_name is not None:
     # A gather written as a psum: each shard fills its own row of a zero table. Unlike all_gather, the
     # result is known to be replicated (shard_map's check needs that), and shards outside this shard's
@@ -264,11 +319,6 @@ def batch_moments(
   return mean, m2 / jnp.maximum(count, 1.0), count
 
 
-def _expand(v: jax.Array, ndim: int, feature_axes: tuple[int, ...]) -> jax.Array:
-  """A per-feature array reshaped to broadcast against an input of rank ``ndim``."""
-  return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feature_axes))
-
-
 def normalize(
   x: jax.Array,
   mean: jax.Array,
@@ -280,21 +330,26 @@ def normalize(
   dtype: Any,
 ) -> jax.Array:
   """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with given (running) statistics."""
+  layout = Layout(x.shape, feature_axes)
   compute = jnp.promote_types(x.dtype, mean.dtype)
+
+  def per_feature(v):
+    return layout.expand(layout.per_feature_to_work(jnp.asarray(v).astype(compute)))
+
   mul = lax.rsqrt(var.astype(compute) + epsilon)
   if scale is not None:
-    mul = mul * scale.astype(compute)
-  y = (x.astype(compute) - _expand(mean.astype(compute), x.ndim, feature_axes)) * _expand(mul, x.ndim, feature_axes)
+    mul = mul * jnp.asarray(scale).astype(compute)
+  y = (layout.to_work(x.astype(compute)) - per_feature(mean)) * per_feature(mul)
   if bias is not None:
-    y = y + _expand(bias.astype(compute), x.ndim, feature_axes)
-  return y.astype(dtype)
+    y = y + per_feature(bias)
+  return y.reshape(x.shape).astype(dtype)
 
 
 def normalize_by_batch(
   x: jax.Array,
   scale: jax.Array,
   bias: jax.Array,
-  reduction_axes: tuple[int, ...],
+  layout: Layout,
   epsilon: float,
   *,
   mask: jax.Array | None = None,
@@ -304,34 +359,32 @@ def normalize_by_batch(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """``(y, mean, var, count)``: ``y = scale * xhat + bias`` with ``xhat`` standardized by batch statistics.
 
-  Differentiation uses the closed form, as a custom JVP so forward and reverse mode both work:
+  ``x`` and ``mask`` are in ``layout``'s working shape, ``scale``/``bias`` and the per-feature results
+  in its per-feature shape. Differentiation uses the closed form, as a custom JVP so forward and
+  reverse mode both work:
 
       dy = xhat dscale + dbias + k (dx - E[dx] - xhat re E[conj(xhat) dx]),   k = scale * rsqrt(var + epsilon)
 
   with ``E`` the (masked, cross-device) batch mean (``conj`` and ``re`` only matter for complex input).
   The per-feature factor ``k`` is applied after each batch mean, so the transpose (the backward pass)
   needs only ``sum(dy)`` and ``sum(dy * xhat)``, the same two reductions that give the bias and scale
-  gradients, and one elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic would add several
-  more passes over the activations.
+  gradients, and one elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic
+  would add several more passes over the activations.
   """
   moments = functools.partial(
     batch_moments,
-    reduction_axes=reduction_axes,
+    layout=layout,
     mask=mask,
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
     use_fast_variance=use_fast_variance,
   )
-  feature_axes = tuple(a for a in range(x.ndim) if a not in reduction_axes)
-  full_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
-
-  def per_feature(v):
-    return _expand(v, x.ndim, feature_axes)
+  per_feature = layout.expand
 
   def batch_mean(v, count):
-    if full_mask is not None:
-      v = jnp.where(full_mask, v, 0.0)
-    total = jnp.sum(v, reduction_axes)
+    if mask is not None:
+      v = jnp.where(mask, v, 0.0)
+    total = layout.sum(v)
     if axis_name is not None:
       total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
     return total / jnp.maximum(count, 1.0)
@@ -477,19 +530,26 @@ def batch_norm(
     )
 
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  layout = Layout(x.shape, feature_axes)
+
+  def per_feature(v, default):
+    v = jnp.full(layout.feature_shape, default, reduce_dtype) if v is None else jnp.asarray(v).astype(reduce_dtype)
+    return layout.per_feature_to_work(v)
+
   # Absent scale/bias act as 1/0; their tangents are symbolic zeros, so they cost nothing.
   y, mean, var, count = normalize_by_batch(
-    x.astype(reduce_dtype),
-    jnp.ones(feature_shape, reduce_dtype) if scale is None else jnp.asarray(scale).astype(reduce_dtype),
-    jnp.zeros(feature_shape, reduce_dtype) if bias is None else jnp.asarray(bias).astype(reduce_dtype),
-    reduction_axes,
+    layout.to_work(x.astype(reduce_dtype)),
+    per_feature(scale, 1.0),
+    per_feature(bias, 0.0),
+    layout,
     epsilon,
-    mask=mask,
+    mask=None if mask is None else layout.to_work(jnp.asarray(mask, bool)),
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
     use_fast_variance=use_fast_variance,
   )
+  y = y.reshape(x.shape)
+  mean, var, count = (layout.per_feature_from_work(v) for v in (mean, var, count))
   y = y.astype(out_dtype)
   new_stats = None
   if stats is not None:

@@ -197,7 +197,7 @@ def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_pat
   random.seed(0)
   for attempt in range(3):
     proc = launch(fmnist_dir, out, "--epochs", "60", *(["--resume"] if attempt else []), cache=cache)
-    wait_for_epoch_line(proc)
+    wait_for_epoch_line(proc, 2)  # epoch 1's files are complete; epoch 2's are being written
     time.sleep(random.uniform(0.0, 0.5))  # lands anywhere in an epoch, including inside a save
     proc.kill()
     proc.communicate()
@@ -212,7 +212,7 @@ def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(fmnist_dir, tmp_pat
   import signal
 
   proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "60", cache=tmp_path / "cache")
-  wait_for_epoch_line(proc)
+  wait_for_epoch_line(proc, 2)  # so that epoch 1 is saved
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 130, err
