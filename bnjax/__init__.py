@@ -6,8 +6,9 @@ Public API:
   init_batch_stats  zeros/ones running statistics for a feature shape.
   BatchNorm         Flax linen module, a drop-in for flax.linen.BatchNorm.
 
-Submodules (imported on demand): bnjax.data (Fashion-MNIST), bnjax.models
-(LeNet), bnjax.train (jitted training), bnjax.porting (PyTorch weights).
+Submodules (imported on demand): bnjax.nnx (BatchNorm for Flax NNX), bnjax.data
+(Fashion-MNIST), bnjax.models (LeNet), bnjax.train (jitted training), bnjax.porting
+(PyTorch weights).
 """
 
 from bnjax.functional import BatchStats, batch_norm, init_batch_stats

@@ -42,4 +42,5 @@ def test_quoted_experiment_output_matches_what_it_prints(fmnist_dir, tmp_path, c
   for line in quoted.strip().splitlines():
     if line.startswith("$") or "..." in line:
       continue
-    assert re.search(f"^{as_pattern(line)}$", printed, flags=re.M), f"README quotes {line!r}, which the experiment does not print"
+    found = re.search(f"^{as_pattern(line)}$", printed, flags=re.M)
+    assert found, f"README quotes {line!r}, which the experiment does not print"

@@ -1,0 +1,158 @@
+"""`bnjax.nnx.BatchNorm`: a drop-in replacement for `flax.nnx.BatchNorm`.
+
+Like the linen module (:mod:`bnjax.linen`), it only keeps state (``scale``/``bias`` as
+``nnx.Param``, ``mean``/``var`` as ``nnx.BatchStat``) and the train/eval switch; the math is
+:func:`bnjax.batch_norm`, so the two modules give the same numbers bit for bit.
+
+    >>> from flax import nnx
+    >>> import jax, jax.numpy as jnp
+    >>> from bnjax.nnx import BatchNorm
+    >>> layer = BatchNorm(6, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = layer(jax.random.normal(jax.random.key(0), (5, 6)))  # training: updates mean/var in place
+    >>> layer.eval()  # or nnx.view(layer, use_running_average=True)
+    >>> y = layer(jnp.ones((5, 6)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+
+from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode
+
+_ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
+_NO_MODE = (
+  "No `use_running_average` was given to bnjax.nnx.BatchNorm: pass it to the constructor, to the call, "
+  "or use model.train() / model.eval() / nnx.view(model, use_running_average=True/False)."
+)
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm with the constructor, state and call of ``flax.nnx.BatchNorm``.
+
+  Deliberate differences, as for the linen module (README, "Deliberate differences from Flax"):
+  ``use_fast_variance`` defaults to False (the stable variance); ``use_running_average`` must be a
+  bool (or a traced bool); a feature without valid (unmasked) values keeps its statistics. bnjax's
+  own options come last: ``unbiased_running_var`` (PyTorch's running-variance update) and
+  ``force_float32_reductions``.
+
+  Args:
+    num_features: the size of the feature axis.
+    use_running_average: True to normalize by the running statistics (evaluation), False to
+      normalize by the batch's and update them (training).
+    axis: the feature axis of the input.
+    momentum: decay of the running averages (``torch momentum = 1 - momentum``).
+    epsilon: added to the variance.
+    dtype: the dtype of the computation and result (default: promoted from input and parameters).
+    param_dtype: the dtype of ``scale``/``bias``.
+    use_bias, use_scale: whether ``bias`` (beta) / ``scale`` (gamma) exist.
+    bias_init, scale_init: their initializers (used here, not stored).
+    axis_name, axis_index_groups: the mapped axis (and its groups) over which statistics combine.
+    use_fast_variance: opt in to the one-pass variance.
+    promote_dtype: called as Flax calls it, on ``(x, mean, var, scale, bias)`` with ``dtype=``.
+    rngs: where the initializers' keys come from.
+    bias_metadata, scale_metadata: passed to the ``nnx.Param`` (e.g. sharding annotations).
+    unbiased_running_var: update the running variance with ``n / (n - 1)`` times the batch's.
+    force_float32_reductions: compute statistics in at least float32.
+  """
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: int = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any | None = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _ZEROS,
+    scale_init: Any = _ONES,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = False,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    unbiased_running_var: bool = False,
+    force_float32_reductions: bool = True,
+  ):
+    feature_shape = (num_features,)
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    self.scale = (
+      nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
+      if use_scale
+      else nnx.data(None)
+    )
+    self.bias = (
+      nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
+    )
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    self.force_float32_reductions = force_float32_reductions
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+    """Normalizes ``x``; in training mode (``use_running_average=False``) updates ``mean``/``var`` in place."""
+    mode = use_running_average if use_running_average is not None else self.use_running_average
+    if mode is None:
+      raise ValueError(_NO_MODE)
+    mode = check_mode(mode)
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+      raise ValueError(f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but BatchNorm needs rank >= 2.")
+    (axis,) = canonicalize_axes(x.ndim, self.axis)
+    if x.shape[axis] != self.num_features:
+      raise ValueError(
+        f"`x` has shape {tuple(x.shape)}: {x.shape[axis]} features on axis {self.axis}, but this BatchNorm "
+        f"was built for num_features={self.num_features}."
+      )
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    y, new_stats = batch_norm(
+      x,
+      scale,
+      bias,
+      BatchStats(mean, var),
+      use_running_average=mode,
+      axis=axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      use_fast_variance=self.use_fast_variance,
+      unbiased_running_var=self.unbiased_running_var,
+      force_float32_reductions=self.force_float32_reductions,
+    )
+    if mode is not True:
+      self.mean[...] = new_stats.mean
+      self.var[...] = new_stats.var
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """The hook ``nnx.view`` (and ``train()``/``eval()``) call to switch modes."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
