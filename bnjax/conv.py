@@ -17,9 +17,11 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 IMPLS = ("auto", "xla", "im2col")
+_LECUN_NORMAL = nn.initializers.lecun_normal()  # flax.linen.Conv's default kernel initializer
 
 
 def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
@@ -59,3 +61,30 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     return y
+
+
+class NNXConv(nnx.Module):
+  """The NNX twin of :class:`Conv`: ``kernel`` (HWIO) and ``bias`` as ``nnx.Param``, same computation."""
+
+  def __init__(
+    self,
+    in_features: int,
+    features: int,
+    kernel_size: tuple[int, int],
+    *,
+    use_bias: bool = True,
+    kernel_init: Callable = _LECUN_NORMAL,
+    bias_init: Callable = nn.initializers.zeros,
+    impl: str = "auto",
+    rngs: nnx.Rngs,
+  ):
+    kh, kw = kernel_size
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_features, features), jnp.float32))
+    self.bias = nnx.Param(bias_init(rngs.params(), (features,), jnp.float32)) if use_bias else nnx.data(None)
+    self.impl = impl
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"Conv expects NHWC input of rank 4, but got shape {tuple(x.shape)}.")
+    y = conv2d_valid(x, self.kernel[...].astype(x.dtype), self.impl)
+    return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from bnjax.conv import Conv
+from bnjax.conv import Conv, NNXConv
 from bnjax.linen import BatchNorm
+from bnjax.nnx import BatchNorm as NNXBatchNorm
 
 NORMS = ("ours", "flax", "none")
 # The chapter's hyper-parameters: BatchNorm(..., eps=1e-5, momentum=0.9).
@@ -76,3 +78,63 @@ class LeNet(nn.Module):
 def init_lenet(model: LeNet, key: jax.Array, batch_size: int = 2) -> dict:
   """Returns the model's variables (``params`` and, with a norm, ``batch_stats``)."""
   return model.init(key, jnp.zeros((batch_size, 28, 28, 1), jnp.float32), train=False)
+
+
+class NNXLeNet(nnx.Module):
+  """The same LeNet as a Flax NNX module: same layer names, shapes, initializers and computation.
+
+  ``model.train()`` / ``model.eval()`` (or ``nnx.view``) switch the batch-norm layers between batch
+  and running statistics. :func:`lenet_to_nnx` / :func:`lenet_from_nnx` move variables between this
+  module and :class:`LeNet`'s ``{"params", "batch_stats"}``.
+  """
+
+  def __init__(self, norm: str = "ours", *, num_classes: int = 10, conv_impl: str = "auto", rngs: nnx.Rngs):
+    if norm not in NORMS:
+      raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
+    init = nn.initializers.xavier_uniform()
+    self.norm = norm
+    self.conv1 = NNXConv(1, 6, (5, 5), kernel_init=init, impl=conv_impl, rngs=rngs)
+    self.conv2 = NNXConv(6, 16, (5, 5), kernel_init=init, impl=conv_impl, rngs=rngs)
+    self.fc1 = nnx.Linear(256, 120, kernel_init=init, rngs=rngs)
+    self.fc2 = nnx.Linear(120, 84, kernel_init=init, rngs=rngs)
+    self.fc3 = nnx.Linear(84, num_classes, kernel_init=init, rngs=rngs)
+    for name, features in (("bn1", 6), ("bn2", 16), ("bn3", 120), ("bn4", 84)):
+      setattr(self, name, self._make_norm(features, rngs))
+
+  def _make_norm(self, features: int, rngs: nnx.Rngs):
+    if self.norm == "none":
+      return nnx.data(None)
+    cls = NNXBatchNorm if self.norm == "ours" else nnx.BatchNorm
+    return cls(features, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, rngs=rngs)
+
+  def _norm(self, bn, x, mask):
+    if bn is None:
+      return x
+    return bn(x, mask=None if mask is None else mask.reshape((-1,) + (1,) * (x.ndim - 1)))
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+      raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
+    pool = lambda v: nn.avg_pool(v, (2, 2), (2, 2))  # noqa: E731
+    x = pool(nn.sigmoid(self._norm(self.bn1, self.conv1(x), mask)))
+    x = pool(nn.sigmoid(self._norm(self.bn2, self.conv2(x), mask)))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.sigmoid(self._norm(self.bn3, self.fc1(x), mask))
+    x = nn.sigmoid(self._norm(self.bn4, self.fc2(x), mask))
+    return self.fc3(x)
+
+
+def lenet_to_nnx(model: NNXLeNet, variables: dict) -> NNXLeNet:
+  """Loads :class:`LeNet` variables (``{"params", "batch_stats"}``) into ``model``, in place; returns it."""
+  state = {name: dict(layer) for name, layer in variables["params"].items()}
+  for name, stats in variables.get("batch_stats", {}).items():
+    state[name] = {**state.get(name, {}), **stats}
+  nnx.update(model, state)
+  return model
+
+
+def lenet_from_nnx(model: NNXLeNet) -> dict:
+  """:class:`LeNet` variables (``{"params"[, "batch_stats"]}``) holding ``model``'s current values."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  return {"params": params, "batch_stats": stats} if stats else {"params": params}

@@ -86,6 +86,28 @@ def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: i
   return run, first
 
 
+def setup_bnjax_nnx(images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """``(run, first_call_seconds)`` for the NNX LeNet with ``bnjax.nnx.BatchNorm`` (``bnjax.train_nnx``)."""
+  import optax
+  from flax import nnx
+
+  from bnjax import train_nnx
+  from bnjax.models import NNXLeNet
+
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+  model = NNXLeNet(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+  t0 = time.perf_counter()
+  jax.block_until_ready(train_nnx.train_epoch(model, optimizer, x, y, jax.random.key(0), batch_size))
+  first = time.perf_counter() - t0
+
+  def run():
+    jax.block_until_ready(train_nnx.train_epoch(model, optimizer, x, y, jax.random.key(1), batch_size))
+
+  run()  # warm-up
+  return run, first
+
+
 def setup_torch(torch, variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int):
   """Returns ``(run, first_call_seconds)`` for the chapter's PyTorch training loop."""
   from torch import nn
@@ -296,6 +318,7 @@ def main(argv=None) -> dict:
   setups = [
     ("bnjax LeNet + bnjax.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop)),
     ("bnjax LeNet + flax.linen.BatchNorm", lambda: setup_bnjax("flax", images, labels, bs, args.loop)),
+    ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax_nnx(images, labels, bs)),
   ]
   if torch is not None:
     setups += [
@@ -330,6 +353,8 @@ def main(argv=None) -> dict:
     print(f"{r['name']:45s} {r['examples_per_sec']:13,.0f} {ratio:>15s} {r['first_call_seconds']:15.2f}")
   ours_flax = rows[0]["examples_per_sec"] / rows[1]["examples_per_sec"]
   print(f"bnjax.BatchNorm / flax.linen.BatchNorm throughput: {ours_flax:.3f}")
+  nnx_linen = rows[2]["examples_per_sec"] / rows[0]["examples_per_sec"]
+  print(f"NNX / linen throughput (both with bnjax's BatchNorm): {nnx_linen:.3f}")
 
   op_rows = []
   if not args.no_ops:

@@ -66,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="runs/lenet_fmnist", help="where metrics, plots and checkpoints go")
   p.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in --out")
   p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
+  p.add_argument(
+    "--api",
+    choices=("linen", "nnx"),
+    default="linen",
+    help="Flax API: linen (LeNet + TrainState) or nnx (NNXLeNet + nnx.Optimizer); same numbers",
+  )
   p.add_argument("--loop", choices=("auto", "step", "scan"), default="auto", help="epoch loop driver (see bnjax.train)")
   p.add_argument("--conv-impl", choices=("auto", "xla", "im2col"), default="auto", help="see bnjax.conv")
   p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
@@ -126,15 +132,20 @@ def atomic_write_text(path: Path, text: str) -> None:
   atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def make_writable_dir(path: Path) -> None:
+  """Creates ``path`` and proves a file can be written there; OSError otherwise."""
+  path.mkdir(parents=True, exist_ok=True)
+  probe = path / f".write-test.{os.getpid()}"
+  probe.write_text("")
+  probe.unlink()
+
+
 def check_out_dir(out: Path, norms: list[str], args: argparse.Namespace) -> None:
   """Before any work: --out is a writable directory, and it holds no run that would be silently replaced."""
   if out.exists() and not out.is_dir():
     raise RunError(f"--out {out} is an existing file, not a directory.")
   try:
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / f".write-test.{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
+    make_writable_dir(out)
   except OSError as e:
     raise RunError(f"--out {out} is not writable ({e.strerror or e}).") from None
   for norm in norms:
@@ -222,6 +233,66 @@ class Progress:
     self.saved: dict[str, int] = {}
 
 
+class LinenRun:
+  """The linen API: a ``TrainState`` threaded through :mod:`bnjax.train`."""
+
+  def __init__(self, state, args: argparse.Namespace):
+    self.state, self.loop = state, args.loop
+
+  def epoch(self, images, labels, key, batch_size, on_progress):
+    from bnjax import train
+
+    self.state, metrics = train.train_epoch(
+      self.state, images, labels, key, batch_size, loop=self.loop, on_progress=on_progress
+    )
+    return metrics
+
+  def evaluate(self, images, labels):
+    from bnjax import train
+
+    return train.evaluate(self.state, images, labels)
+
+  def train_state(self):
+    return self.state
+
+
+class NNXRun:
+  """The NNX API: :class:`bnjax.models.NNXLeNet` and an ``nnx.Optimizer``, trained in place by
+  :mod:`bnjax.train_nnx`. Initialized from (and checkpointed as) the linen run's variables, so both
+  APIs start from the same weights, give the same numbers and share one checkpoint format (plain
+  SGD keeps no optimizer state besides the step)."""
+
+  def __init__(self, state, args: argparse.Namespace, norm: str):
+    import optax
+    from flax import nnx
+
+    from bnjax import models
+
+    self.template = state
+    model = models.NNXLeNet(norm, conv_impl=args.conv_impl, rngs=nnx.Rngs(0))
+    self.model = models.lenet_to_nnx(model, {"params": state.params, "batch_stats": state.batch_stats})
+    self.optimizer = nnx.Optimizer(self.model, optax.sgd(args.lr), wrt=nnx.Param)
+    self.optimizer.step[...] = self.optimizer.step[...].dtype.type(int(state.step))
+
+  def epoch(self, images, labels, key, batch_size, on_progress):
+    from bnjax import train_nnx
+
+    return train_nnx.train_epoch(self.model, self.optimizer, images, labels, key, batch_size, on_progress=on_progress)
+
+  def evaluate(self, images, labels):
+    from bnjax import train_nnx
+
+    return train_nnx.evaluate(self.model, images, labels)
+
+  def train_state(self):
+    from bnjax import models
+
+    variables = models.lenet_from_nnx(self.model)
+    return self.template.replace(
+      step=int(self.optimizer.step[...]), params=variables["params"], batch_stats=variables.get("batch_stats", {})
+    )
+
+
 def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress: Progress) -> tuple[dict, list[dict]]:
   """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history."""
   import jax
@@ -246,12 +317,18 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
   if args.resume and ckpt_path.is_file():
     state, start_epoch, history = restore_checkpoint(ckpt_path, state, config)
     progress.saved[norm] = start_epoch
+    try:
+      json.loads(metrics_path.read_text())
+    except (OSError, ValueError) as e:  # the checkpoint carries the history: nothing is lost
+      reason = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+      print(f"note: {metrics_path} is unreadable ({reason}); it is rewritten from the checkpoint", file=sys.stderr)
     print(f"[{norm}] resumed from {ckpt_path} after epoch {start_epoch}")
   elif args.resume:
     print(f"[{norm}] --resume: no run in {out} yet, starting from scratch")
   if start_epoch >= args.epochs:
     raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
+  runner = NNXRun(state, args, norm) if args.api == "nnx" else LinenRun(state, args)
   steps = train.steps_per_epoch(len(train_y), args.batch_size)
   for epoch in range(start_epoch, args.epochs):
     bar = tqdm(
@@ -263,19 +340,11 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
       file=sys.stdout,
     )
     t0 = time.perf_counter()
-    state, metrics = train.train_epoch(
-      state,
-      train_x,
-      train_y,
-      jax.random.fold_in(shuffle_key, epoch),
-      args.batch_size,
-      loop=args.loop,
-      on_progress=bar.update,
-    )
+    metrics = runner.epoch(train_x, train_y, jax.random.fold_in(shuffle_key, epoch), args.batch_size, bar.update)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
     bar.close()
-    tr, te = train.summarize(metrics), train.summarize(train.evaluate(state, test_x, test_y))
+    tr, te = train.summarize(metrics), train.summarize(runner.evaluate(test_x, test_y))
     row = {
       "epoch": epoch + 1,
       "train_loss": tr["loss"],
@@ -296,10 +365,11 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     atomic_write_text(
       metrics_path, json.dumps({"bn": norm, "args": vars(args), "device": device_name(), "epochs": history}, indent=1)
     )
-    save_checkpoint(ckpt_path, state, epoch + 1, history, config)
+    save_checkpoint(ckpt_path, runner.train_state(), epoch + 1, history, config)
     progress.saved[norm] = epoch + 1
 
   plot_curves({norm: history}, out / "curves")
+  state = runner.train_state()
   last = history[-1]
   # Steady-state throughput: the first epoch also pays for compilation, so it is reported apart.
   timed = [h for h in history if h["epoch"] > 1] or history
@@ -344,10 +414,7 @@ def enable_compile_cache(directory: str) -> None:
 
   path = Path(directory).expanduser()
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write-test.{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
+    make_writable_dir(path)
   except OSError as e:
     print(
       f"note: compilation cache {path} cannot be written ({e.strerror or e}); compiling from scratch "

@@ -9,6 +9,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   assert names == [
     "bnjax LeNet + bnjax.BatchNorm",
     "bnjax LeNet + flax.linen.BatchNorm",
+    "bnjax NNXLeNet + bnjax.nnx.BatchNorm",
     "PyTorch eager, chapter's scratch BatchNorm",
     "PyTorch eager, nn.BatchNorm2d/1d",
   ]
@@ -16,11 +17,13 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
   assert all(r["gb_per_s"] > 0 for r in result["ops"])
   out = capsys.readouterr().out
-  assert "vs torch nn.BN" in out and "GB/s" in out and (tmp_path / "bench.json").exists()
+  assert (
+    "vs torch nn.BN" in out and "GB/s" in out and "NNX / linen throughput" in out and (tmp_path / "bench.json").exists()
+  )
 
 
 def test_without_torch_the_torch_rows_are_skipped_with_a_note(monkeypatch, capsys):
   monkeypatch.setattr(bench, "try_import_torch", lambda: None)
   result = bench.main(["--quick", "--steps", "2", "--no-ops"])
-  assert len(result["model"]) == 2 and all(r["ratio_to_torch_nn_bn"] is None for r in result["model"])
+  assert len(result["model"]) == 3 and all(r["ratio_to_torch_nn_bn"] is None for r in result["model"])
   assert "torch is not installed, so the PyTorch rows are skipped" in capsys.readouterr().out

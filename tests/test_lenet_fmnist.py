@@ -1,6 +1,7 @@
 """The experiment end to end on a tiny synthetic data directory: outputs, resume, comparison, errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,11 +132,14 @@ def test_a_corrupted_checkpoint_is_named_on_resume(fmnist_dir, tmp_path):
   assert len(str(e.value)) < 600, "one line, not a dump"
 
 
-def test_a_truncated_metrics_file_is_rebuilt_from_the_checkpoint(fmnist_dir, tmp_path):
+def test_a_truncated_metrics_file_is_rebuilt_from_the_checkpoint(fmnist_dir, tmp_path, capsys):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2"))
   metrics = tmp_path / "run" / "ours" / "metrics.json"
   metrics.write_text(metrics.read_text()[:50])
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "3", "--resume"))
+  assert re.search(
+    r"note: .*metrics.json is unreadable \(JSONDecodeError.*rewritten from the checkpoint", capsys.readouterr().err
+  )
   assert [e["epoch"] for e in json.loads(metrics.read_text())["epochs"]] == [1, 2, 3]
 
 
@@ -231,3 +235,18 @@ def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnis
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err
   assert err.count("note: compilation cache") == 1 and "cannot be written" in err
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax"])
+def test_api_nnx_gives_the_linen_runs_numbers_and_files(fmnist_dir, tmp_path, norm):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "linen", "--epochs", "2", "--bn", norm))
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "nnx", "--epochs", "1", "--bn", norm, "--api", "nnx"))
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "nnx", "--epochs", "2", "--bn", norm, "--api", "nnx", "--resume"))
+  keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+  linen, nnx_run = (json.loads((tmp_path / d / norm / "metrics.json").read_text()) for d in ("linen", "nnx"))
+  assert nnx_run["args"]["api"] == "nnx"
+  assert_trees_close([[r[k] for k in keys] for r in nnx_run["epochs"]], [[r[k] for k in keys] for r in linen["epochs"]])
+  for name in ("checkpoint.msgpack", "curves.png", "curves.svg", "summary.json"):
+    assert (tmp_path / "nnx" / norm / name).is_file(), name
+  # one checkpoint format: the NNX run's checkpoint resumes under linen
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "nnx", "--epochs", "3", "--bn", norm, "--resume"))

@@ -79,3 +79,55 @@ def test_conv_implementations_agree_with_flax_conv(rng):
 def test_bad_configuration_is_rejected_clearly(make, pattern):
   with pytest.raises(ValueError, match=pattern):
     make()
+
+
+# --- the NNX twin ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax", "none"])
+def test_nnx_lenet_has_linen_lenets_variables_and_logits(rng, norm):
+  from flax import nnx
+
+  from bnjax.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+
+  linen_vars = init_lenet(LeNet(norm=norm), jax.random.key(0))
+  model = NNXLeNet(norm, rngs=nnx.Rngs(1))
+  assert jax.tree.map(jnp.shape, lenet_from_nnx(model)) == jax.tree.map(jnp.shape, linen_vars)
+  lenet_to_nnx(model, linen_vars)
+  assert_trees_close(lenet_from_nnx(model), linen_vars)
+  x = jnp.asarray(rng.random((8, 28, 28, 1), np.float32))
+  model.eval()
+  assert_trees_close(model(x), LeNet(norm=norm).apply(linen_vars, x, train=False))
+  model.train()
+  want, _ = LeNet(norm=norm).apply(linen_vars, x, train=True, mutable=["batch_stats"])
+  assert_trees_close(model(x), want)
+
+
+def test_nnx_lenet_trained_by_nnx_optimizer_follows_the_linen_run(rng):
+  import optax
+  from flax import nnx
+
+  from bnjax import train
+  from bnjax.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+
+  state = train.create_train_state(LeNet(), jax.random.key(0), 1.0)
+  model = lenet_to_nnx(NNXLeNet(rngs=nnx.Rngs(0)), {"params": state.params, "batch_stats": state.batch_stats})
+  optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, x, y):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  linen_step = jax.jit(train.train_step)
+  for _ in range(5):  # the parity suite's trajectory: 5 SGD steps at the chapter's lr 1.0
+    x = jnp.asarray(rng.random((32, 28, 28, 1), np.float32))
+    y = jnp.asarray(rng.integers(0, 10, 32).astype(np.int32))
+    loss = nnx_step(model, optimizer, x, y)
+    state, metrics = linen_step(state, x, y)
+    assert_trees_close(loss, metrics["loss_sum"] / 32, "trajectory")
+  assert_trees_close(lenet_from_nnx(model), {"params": state.params, "batch_stats": state.batch_stats}, "trajectory")
