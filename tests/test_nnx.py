@@ -140,3 +140,52 @@ def test_orbax_checkpoint_round_trip(tmp_path, rng):
   restored = checkpointer.restore(tmp_path / "ckpt", abstract)
   fresh = nnx.merge(graphdef, restored)
   assert_trees_close(nnx.state(fresh), nnx.state(layer))
+
+
+def test_set_attributes_and_tabulate_work_as_for_flax(rng):
+  x = jnp.asarray(rng.standard_normal((4, 6)).astype(np.float32))
+  ours, theirs = BatchNorm(6, rngs=nnx.Rngs(0)), nnx.BatchNorm(6, rngs=nnx.Rngs(0))
+  for layer in (ours, theirs):
+    layer.set_attributes(use_running_average=True)
+  assert ours.use_running_average is True
+  assert nnx.tabulate(ours, x) == nnx.tabulate(theirs, x)  # same rows, shapes, counts and bytes
+
+
+def test_inside_bridge_to_linen_statistics_land_in_batch_stats(rng):
+  from flax.nnx import bridge
+
+  x = jnp.asarray((1.0 + rng.standard_normal((8, 3))).astype(np.float32))
+  bridged = bridge.to_linen(BatchNorm, 3, momentum=0.9)
+  variables = bridged.init(jax.random.key(0), x)
+  assert set(variables) == {"params", "batch_stats"} and set(variables["batch_stats"]) == {"mean", "var"}
+  y, updates = bridged.apply(variables, x, mutable=["batch_stats"])
+  linen = bnjax.BatchNorm(use_running_average=False, momentum=0.9)
+  assert_trees_close((y, updates), linen.apply(variables, x, mutable=["batch_stats"]))
+
+
+def test_nnx_scan_over_stacked_layers_with_split_rngs_and_state_axes(rng):
+  x = jnp.asarray((2.0 + rng.standard_normal((8, 3))).astype(np.float32))
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return BatchNorm(3, momentum=0.9, rngs=rngs)
+
+  stack = make(nnx.Rngs(0))
+  layers = [BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(i)) for i in range(3)]
+  for i, layer in enumerate(layers):  # the same weights, one layer at a time
+    nnx.update(layer, jax.tree.map(lambda v, i=i: v[i], nnx.state(stack)))
+
+  @nnx.scan(in_axes=(nnx.StateAxes({(nnx.Param, nnx.BatchStat): 0, ...: None}), nnx.Carry), out_axes=nnx.Carry)
+  def forward(layer, x):
+    return layer(x) * 2.0 + 1.0
+
+  y = forward(stack, x)
+  want = x
+  for layer in layers:
+    want = layer(want) * 2.0 + 1.0
+  assert_trees_close(y, want)
+  for i, layer in enumerate(layers):
+    assert_trees_close(
+      jax.tree.map(lambda v, i=i: v[i], nnx.state(stack, nnx.BatchStat)), nnx.state(layer, nnx.BatchStat)
+    )
