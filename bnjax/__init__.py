@@ -5,6 +5,7 @@ Public API:
   BatchStats        NamedTuple(mean, var) of running statistics.
   init_batch_stats  zeros/ones running statistics for a feature shape.
   BatchNorm         Flax linen module, a drop-in for flax.linen.BatchNorm.
+  precise_batch_stats  population statistics of every BN layer's input (precise BN).
 
 Submodules (imported on demand): bnjax.nnx (BatchNorm for Flax NNX), bnjax.data
 (Fashion-MNIST), bnjax.models (LeNet), bnjax.train (jitted training), bnjax.porting
@@ -13,6 +14,7 @@ Submodules (imported on demand): bnjax.nnx (BatchNorm for Flax NNX), bnjax.data
 
 from bnjax.functional import BatchStats, batch_norm, init_batch_stats
 from bnjax.linen import BatchNorm
+from bnjax.precise import precise_batch_stats
 
-__all__ = ["BatchNorm", "BatchStats", "batch_norm", "init_batch_stats"]
+__all__ = ["BatchNorm", "BatchStats", "batch_norm", "init_batch_stats", "precise_batch_stats"]
 __version__ = "0.1.0"

@@ -30,7 +30,15 @@ CHAPTER = {  # what the chapter printed (PyTorch, one GPU)
   "flax": {"loss": 0.267, "train_acc": 0.902, "test_acc": 0.708, "examples_per_sec": 50597.3},
 }
 NORMS = ("ours", "flax", "none")  # bnjax.models.NORMS, repeated so --help needs no jax import
-LABELS = {"ours": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm", "none": "no BatchNorm"}
+# A variant is a norm, or ours with its statistics recomputed by precise BN before every evaluation.
+VARIANTS = (*NORMS, "ours-precise")
+LABELS = {
+  "ours": "bnjax.BatchNorm",
+  "flax": "flax.linen.BatchNorm",
+  "none": "no BatchNorm",
+  "ours-precise": "bnjax.BatchNorm + precise BN",
+}
+DEFAULT_PRECISE_BATCHES = 100  # for the ours-precise variant when --precise-bn is not given
 CHECKPOINT, METRICS = "checkpoint.msgpack", "metrics.json"
 # What a resumed run must share with the checkpoint's run (--epochs may grow).
 RUN_IDENTITY = ("bn", "batch_size", "lr", "seed", "conv_impl")
@@ -50,14 +58,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m experiments.lenet_fmnist", description=__doc__.split("\n\n")[0])
   p.add_argument(
     "--bn",
-    choices=[*NORMS, "all"],
+    choices=[*VARIANTS, "all"],
     default="ours",
-    help="normalization layer: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none, or all three",
+    help="normalization: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none, ours-precise (ours + "
+    f"precise BN, --precise-bn N or {DEFAULT_PRECISE_BATCHES} batches), or all four",
   )
   p.add_argument("--epochs", type=int, default=10)
   p.add_argument("--lr", type=float, default=1.0)
   p.add_argument("--batch-size", type=int, default=256)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--precise-bn",
+    type=int,
+    default=0,
+    metavar="N",
+    help="before every evaluation, recompute the BN statistics from N training batches (bnjax.precise_batch_stats)",
+  )
   p.add_argument(
     "--data-dir",
     default=None,
@@ -96,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--lr is {args.lr}, but should be a positive finite number")
   if not 0 <= args.seed <= MAX_SEED:
     p.error(f"--seed is {args.seed}, but should lie in [0, {MAX_SEED}]")
+  if args.precise_bn < 0:
+    p.error(f"--precise-bn is {args.precise_bn}, but should be >= 0 (0: off)")
   if args.resume and args.overwrite:
     p.error("--resume and --overwrite contradict each other: choose one")
   return args
@@ -255,6 +273,9 @@ class LinenRun:
   def train_state(self):
     return self.state
 
+  def set_batch_stats(self, batch_stats):
+    self.state = self.state.replace(batch_stats=batch_stats)
+
 
 class NNXRun:
   """The NNX API: :class:`bnjax.models.NNXLeNet` and an ``nnx.Optimizer``, trained in place by
@@ -292,6 +313,29 @@ class NNXRun:
       step=int(self.optimizer.step[...]), params=variables["params"], batch_stats=variables.get("batch_stats", {})
     )
 
+  def set_batch_stats(self, batch_stats):
+    from flax import nnx
+
+    nnx.update(self.model, batch_stats)
+
+
+def precise_stats(model, state, images, num_batches: int, args: argparse.Namespace, shuffle_key, epoch: int):
+  """Precise BN for the chapter: ``num_batches`` random training batches, weights frozen, population statistics."""
+  import jax
+
+  from bnjax import precise_batch_stats, train
+
+  count = min(num_batches * args.batch_size, images.shape[0]) // args.batch_size * args.batch_size
+  # A different stream from the epoch's shuffle (fold_in of a second index), fixed per epoch: reproducible.
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
+  batches = images[perm[:count]].reshape(-1, args.batch_size, *images.shape[1:])
+
+  def apply(variables, x, **kwargs):
+    return model.apply(variables, train.as_float_images(x), **kwargs)
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
+
 
 def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress: Progress) -> tuple[dict, list[dict]]:
   """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history."""
@@ -308,7 +352,8 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     for name in (CHECKPOINT, METRICS, "summary.json", "curves.png", "curves.svg"):
       (out / name).unlink(missing_ok=True)
   config = run_config(args, norm)
-  model = models.LeNet(norm=norm, conv_impl=args.conv_impl)
+  model = models.LeNet(norm=norm.removesuffix("-precise"), conv_impl=args.conv_impl)
+  precise = 0 if norm == "none" else args.precise_bn or (DEFAULT_PRECISE_BATCHES if norm == "ours-precise" else 0)
   init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
   state = train.create_train_state(model, init_key, args.lr)
   history: list[dict] = []
@@ -328,7 +373,7 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
   if start_epoch >= args.epochs:
     raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
-  runner = NNXRun(state, args, norm) if args.api == "nnx" else LinenRun(state, args)
+  runner = NNXRun(state, args, norm.removesuffix("-precise")) if args.api == "nnx" else LinenRun(state, args)
   steps = train.steps_per_epoch(len(train_y), args.batch_size)
   for epoch in range(start_epoch, args.epochs):
     bar = tqdm(
@@ -344,6 +389,11 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
     bar.close()
+    precise_seconds = 0.0
+    if precise:
+      t1 = time.perf_counter()
+      runner.set_batch_stats(precise_stats(model, runner.train_state(), train_x, precise, args, shuffle_key, epoch))
+      precise_seconds = time.perf_counter() - t1
     tr, te = train.summarize(metrics), train.summarize(runner.evaluate(test_x, test_y))
     row = {
       "epoch": epoch + 1,
@@ -353,6 +403,7 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
       "test_acc": te["acc"],
       "train_seconds": seconds,
       "examples_per_sec": int(metrics["count"]) / seconds,
+      "precise_bn_seconds": precise_seconds,
     }
     history.append(row)
     print(
@@ -432,7 +483,7 @@ def enable_compile_cache(directory: str) -> None:
 
 def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
   out = Path(args.out)
-  norms = list(NORMS) if args.bn == "all" else [args.bn]
+  norms = list(VARIANTS) if args.bn == "all" else [args.bn]
   check_out_dir(out, norms, args)  # before the imports and the data: a bad --out fails in a blink
 
   if not args.no_compile_cache:

@@ -64,9 +64,10 @@ def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path):
 
 def test_all_variants_and_a_comparison_table(fmnist_dir, tmp_path, capsys):
   summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all"))
-  assert [s["bn"] for s in summaries] == ["ours", "flax", "none"]
+  assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise"]
   table = (tmp_path / "all" / "comparison.md").read_text()
   assert "| bnjax.BatchNorm |" in table and "| flax.linen.BatchNorm |" in table and "| no BatchNorm |" in table
+  assert "| bnjax.BatchNorm + precise BN |" in table
   assert "0.899 / 0.807" in table  # the chapter's numbers stand beside ours
   assert (tmp_path / "all" / "comparison.png").exists() and "| BatchNorm |" in capsys.readouterr().out
 
@@ -250,3 +251,26 @@ def test_api_nnx_gives_the_linen_runs_numbers_and_files(fmnist_dir, tmp_path, no
     assert (tmp_path / "nnx" / norm / name).is_file(), name
   # one checkpoint format: the NNX run's checkpoint resumes under linen
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "nnx", "--epochs", "3", "--bn", norm, "--resume"))
+
+
+def test_precise_bn_recomputes_the_statistics_before_every_evaluation(fmnist_dir, tmp_path):
+  import jax
+
+  from bnjax import data, precise_batch_stats, train
+  from bnjax.models import LeNet
+
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "p", "--epochs", "2", "--precise-bn", "3"))
+  plain = json.loads((tmp_path / "p" / "ours" / "metrics.json").read_text())["epochs"]
+  assert all(e["precise_bn_seconds"] > 0 for e in plain)
+  # The checkpointed statistics are the population statistics of 3 x 64 training examples, not an EMA.
+  raw = __import__("flax").serialization.msgpack_restore((tmp_path / "p" / "ours" / "checkpoint.msgpack").read_bytes())
+  ds = data.load_idx_dir(fmnist_dir, expect_full=False, pixels="uint8")
+  shuffle_key = jax.random.split(jax.random.key(0))[1]
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, 1), 1), 512)
+  batches = np.asarray(ds.train_images)[np.asarray(perm[:192])].reshape(3, 64, 28, 28, 1)
+  variables = {"params": raw["state"]["params"], "batch_stats": raw["state"]["batch_stats"]}
+  model = LeNet()
+  want = precise_batch_stats(
+    lambda v, x, **kw: model.apply(v, train.as_float_images(x), **kw), variables, batches, model_kwargs={"train": True}
+  )
+  assert_trees_close(raw["state"]["batch_stats"], want["batch_stats"])

@@ -1,0 +1,122 @@
+"""`bnjax.precise_batch_stats`: population statistics of every BN layer's input, checked against NumPy."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerance import assert_trees_close
+
+import bnjax
+from bnjax.models import LeNet, init_lenet
+
+
+class TwoLayer(nn.Module):
+  """Dense -> bnjax.BatchNorm -> relu -> Dense -> flax.linen.BatchNorm (nested in a block), the second BN shared."""
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    h1 = nn.Dense(5, name="fc1")(x)
+    y = nn.relu(bnjax.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(h1, mask=mask))
+    return Block(name="block")(y, train, mask)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, y, train, mask):
+    h2 = nn.Dense(3, name="fc2")(y)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn2")(h2, mask=mask)
+
+
+def numpy_reference(variables, batches, masks):
+  """The two layers' inputs, batch by batch (training-mode forward), then their population mean/var."""
+  p = jax.tree.map(np.asarray, variables["params"])
+  h1s, h2s = [], []
+  for x, m in zip(batches, masks, strict=True):
+    x = np.asarray(x, np.float64)
+    h1 = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    valid = h1[m]
+    y = (h1 - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5) * p["bn1"]["scale"] + p["bn1"]["bias"]
+    h2 = np.maximum(y, 0) @ p["block"]["fc2"]["kernel"] + p["block"]["fc2"]["bias"]
+    h1s.append(h1[m])
+    h2s.append(h2[m])
+  h1, h2 = np.concatenate(h1s), np.concatenate(h2s)
+  return {"bn1": {"mean": h1.mean(0), "var": h1.var(0)}, "block": {"bn2": {"mean": h2.mean(0), "var": h2.var(0)}}}
+
+
+def two_layer_case(rng, n_batches=4, batch=16):
+  model = TwoLayer()
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 7)), train=False)
+  batches = [(3.0 + 2.0 * rng.standard_normal((batch, 7))).astype(np.float32) for _ in range(n_batches)]
+  return model, variables, batches
+
+
+def test_two_layer_model_matches_numpy(rng):
+  model, variables, batches = two_layer_case(rng)
+  out = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": True})
+  expected = numpy_reference(variables, batches, [np.ones(16, bool)] * 4)
+  assert_trees_close(out["batch_stats"], expected, "framework")
+  assert_trees_close(out["params"], variables["params"])  # the weights are frozen
+
+
+def test_an_array_of_batches_and_a_batch_count(rng):
+  model, variables, batches = two_layer_case(rng, n_batches=5)
+  stacked = jnp.stack(batches)
+  out = bnjax.precise_batch_stats(model.apply, variables, stacked, num_batches=3, model_kwargs={"train": True})
+  expected = numpy_reference(variables, batches[:3], [np.ones(16, bool)] * 3)
+  assert_trees_close(out["batch_stats"], expected, "framework")
+
+
+def test_masked_examples_are_left_out(rng):
+  model, variables, batches = two_layer_case(rng, n_batches=3)
+  masks = [rng.random(16) < 0.6 for _ in batches]
+  pairs = [(x, jnp.asarray(m)[:, None]) for x, m in zip(batches, masks, strict=True)]
+  out = bnjax.precise_batch_stats(model.apply, variables, pairs, model_kwargs={"train": True})
+  assert_trees_close(out["batch_stats"], numpy_reference(variables, batches, masks), "framework")
+
+
+def test_a_shared_layer_pools_all_its_calls(rng):
+  class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      bn = bnjax.BatchNorm(use_running_average=not train, name="bn")
+      return bn(bn(x) * 3.0 + 1.0)
+
+  x = (1.0 + rng.standard_normal((32, 4))).astype(np.float32)
+  variables = Shared().init(jax.random.key(0), x, train=False)
+  out = bnjax.precise_batch_stats(Shared().apply, variables, [x], model_kwargs={"train": True})
+  first = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * 3.0 + 1.0
+  both = np.concatenate([x, first]).astype(np.float64)
+  assert_trees_close(out["batch_stats"]["bn"], {"mean": both.mean(0), "var": both.var(0)}, "framework")
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax"])
+def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng, norm):
+  model = LeNet(norm=norm)
+  variables = init_lenet(model, jax.random.key(0))
+  batches = [jnp.asarray(rng.random((32, 28, 28, 1), np.float32)) for _ in range(3)]
+  out = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": True})
+  # Each BN layer's input is the output of the layer before it, captured in the same training-mode pass.
+  inputs = {"bn1": "conv1", "bn2": "conv2", "bn3": "fc1", "bn4": "fc2"}
+  captured = {bn: [] for bn in inputs}
+  for x in batches:
+    _, state = model.apply(
+      variables, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
+    )
+    for bn, layer in inputs.items():
+      h = np.asarray(state["intermediates"][layer]["__call__"][0], np.float64)
+      captured[bn].append(h.reshape(-1, h.shape[-1]))
+  for bn, hs in captured.items():
+    h = np.concatenate(hs)
+    assert_trees_close(out["batch_stats"][bn], {"mean": h.mean(0), "var": h.var(0)}, "framework")
+
+
+def test_clear_errors(rng):
+  model, variables, batches = two_layer_case(rng)
+  with pytest.raises(ValueError, match=r"`batches` yielded no batch"):
+    bnjax.precise_batch_stats(model.apply, variables, [], model_kwargs={"train": True})
+  plain = nn.Dense(3)
+  with pytest.raises(ValueError, match=r"called no bnjax.BatchNorm or flax.linen.BatchNorm layer"):
+    bnjax.precise_batch_stats(plain.apply, plain.init(jax.random.key(0), batches[0]), batches)
+  with pytest.raises(ValueError, match=r"a batch is an array or a pair \(inputs, mask\)"):
+    bnjax.precise_batch_stats(model.apply, variables, [(batches[0], None, 1)], model_kwargs={"train": True})
