@@ -12,12 +12,14 @@ intercepting their calls, so models need no change), and combines the per-batch 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import unfreeze
 
 from bnjax.functional import Layout, _local_moments, canonicalize_axes, real_dtype
@@ -73,6 +75,27 @@ def _split(batch) -> tuple[jax.Array, jax.Array | None]:
   return batch, None
 
 
+# Compiled once per (apply_fn, model_kwargs, shapes): a stable apply_fn (e.g. model.apply) reuses them.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _moments_of_batch(apply_fn, model_kwargs: tuple, variables, x, mask) -> Moments:
+  return batch_moments_by_layer(apply_fn, variables, x, mask, **dict(model_kwargs))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _moments_of_stack(apply_fn, model_kwargs: tuple, variables, xs) -> Moments:
+  """All batches of an array ``(num_batches, batch, ...)`` in one program: a scan combining by counts."""
+
+  def moments(x):
+    return batch_moments_by_layer(apply_fn, variables, x, None, **dict(model_kwargs))
+
+  def body(total, x):
+    new = moments(x)
+    return {k: _combine(total[k], new[k]) for k in total}, None
+
+  total, _ = jax.lax.scan(body, moments(xs[0]), xs[1:])
+  return total
+
+
 def precise_batch_stats(
   apply_fn: Callable,
   variables: Mapping,
@@ -100,23 +123,25 @@ def precise_batch_stats(
     the same kind of spread it saw in training, estimated over the population instead of one batch.
     (Over thousands of values per feature the unbiased one differs by less than float32 resolution.)
 
-  Each distinct batch shape compiles one program. Layers that saw no valid value keep their
-  statistics.
+  An array of batches runs as one compiled program (a scan); an iterable compiles one program per
+  batch shape. Both are cached for a given ``apply_fn`` (pass the same function, e.g. ``model.apply``,
+  to reuse them). Layers that saw no valid value keep their statistics.
 
   Raises:
     ValueError: no batches, or a model with no batch-norm layer in ``variables['batch_stats']``.
   """
-  model_kwargs = dict(model_kwargs or {})
-  step = jax.jit(lambda variables, x, mask: batch_moments_by_layer(apply_fn, variables, x, mask, **model_kwargs))
+  kwargs = tuple(sorted((model_kwargs or {}).items()))
   total: Moments | None = None
-  seen = 0
-  for batch in batches:
-    if num_batches is not None and seen >= num_batches:
-      break
-    x, mask = _split(batch)
-    moments = step(variables, x, mask)
-    total = moments if total is None else {k: _combine(total[k], v) for k, v in moments.items()}
-    seen += 1
+  if isinstance(batches, jax.Array | np.ndarray):
+    if batches.ndim < 2 or batches.shape[0] == 0 or num_batches == 0:
+      raise ValueError(f"`batches` has shape {batches.shape}: no batch to compute precise statistics from.")
+    total = _moments_of_stack(apply_fn, kwargs, variables, jnp.asarray(batches[:num_batches]))
+  else:
+    for seen, batch in enumerate(batches):
+      if num_batches is not None and seen >= num_batches:
+        break
+      moments = _moments_of_batch(apply_fn, kwargs, variables, *_split(batch))
+      total = moments if total is None else {k: _combine(total[k], v) for k, v in moments.items()}
   if total is None:
     raise ValueError("`batches` yielded no batch: precise statistics need at least one.")
   stats = unfreeze(variables.get("batch_stats", {}))

@@ -319,20 +319,20 @@ class NNXRun:
     nnx.update(self.model, batch_stats)
 
 
-def precise_stats(model, state, images, num_batches: int, args: argparse.Namespace, shuffle_key, epoch: int):
-  """Precise BN for the chapter: ``num_batches`` random training batches, weights frozen, population statistics."""
+def precise_stats(apply, state, images, num_batches: int, args: argparse.Namespace, shuffle_key, epoch: int):
+  """Precise BN for the chapter: ``num_batches`` random training batches, weights frozen, population statistics.
+
+  ``apply`` is the model's apply function on uint8 images; pass the same one every epoch, so that the
+  compiled program is reused.
+  """
   import jax
 
-  from bnjax import precise_batch_stats, train
+  from bnjax import precise_batch_stats
 
   count = min(num_batches * args.batch_size, images.shape[0]) // args.batch_size * args.batch_size
   # A different stream from the epoch's shuffle (fold_in of a second index), fixed per epoch: reproducible.
   perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
   batches = images[perm[:count]].reshape(-1, args.batch_size, *images.shape[1:])
-
-  def apply(variables, x, **kwargs):
-    return model.apply(variables, train.as_float_images(x), **kwargs)
-
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
 
@@ -374,6 +374,10 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
   runner = NNXRun(state, args, norm.removesuffix("-precise")) if args.api == "nnx" else LinenRun(state, args)
+
+  def precise_apply(variables, images, **kwargs):  # one function per run: its compiled program is reused
+    return model.apply(variables, train.as_float_images(images), **kwargs)
+
   steps = train.steps_per_epoch(len(train_y), args.batch_size)
   for epoch in range(start_epoch, args.epochs):
     bar = tqdm(
@@ -392,7 +396,8 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     precise_seconds = 0.0
     if precise:
       t1 = time.perf_counter()
-      runner.set_batch_stats(precise_stats(model, runner.train_state(), train_x, precise, args, shuffle_key, epoch))
+      stats = precise_stats(precise_apply, runner.train_state(), train_x, precise, args, shuffle_key, epoch)
+      runner.set_batch_stats(stats)
       precise_seconds = time.perf_counter() - t1
     tr, te = train.summarize(metrics), train.summarize(runner.evaluate(test_x, test_y))
     row = {
