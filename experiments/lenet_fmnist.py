@@ -397,7 +397,7 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     if precise:
       t1 = time.perf_counter()
       stats = precise_stats(precise_apply, runner.train_state(), train_x, precise, args, shuffle_key, epoch)
-      runner.set_batch_stats(stats)
+      runner.set_batch_stats(jax.block_until_ready(stats))  # (dispatch is asynchronous: time the work)
       precise_seconds = time.perf_counter() - t1
     tr, te = train.summarize(metrics), train.summarize(runner.evaluate(test_x, test_y))
     row = {
