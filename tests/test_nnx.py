@@ -189,3 +189,12 @@ def test_nnx_scan_over_stacked_layers_with_split_rngs_and_state_axes(rng):
     assert_trees_close(
       jax.tree.map(lambda v, i=i: v[i], nnx.state(stack, nnx.BatchStat)), nnx.state(layer, nnx.BatchStat)
     )
+
+
+def test_parameter_metadata_is_passed_through_like_flax():
+  kwargs = dict(scale_metadata={"tag": "gamma"}, bias_metadata={"tag": "beta"})
+  ours, theirs = BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0))
+  assert ours.scale.get_metadata() == theirs.scale.get_metadata() and ours.scale.get_metadata()["tag"] == "gamma"
+  assert ours.bias.get_metadata() == theirs.bias.get_metadata()
+  no_params = BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+  assert no_params.scale is None and set(nnx.state(no_params).keys()) == {"mean", "var"}
