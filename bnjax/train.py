@@ -89,6 +89,34 @@ def as_float_images(images: jax.Array) -> jax.Array:
   return images
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """``(mean, sum)`` of the cross-entropy over the real examples (all, or those where ``mask``)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if mask is None:
+    return jnp.mean(losses), jnp.sum(losses)
+  loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
+  return loss_sum / jnp.sum(mask), loss_sum
+
+
+def batch_indices(perm: jax.Array, start, batch_size: int, valid=None) -> tuple[jax.Array, jax.Array | None]:
+  """Indices ``perm[start : start + batch_size]`` and, with ``valid``, the mask of the first ``valid`` (real) ones.
+
+  Positions past the end of ``perm`` wrap around (any real example will do as padding: it is masked).
+  """
+  if valid is None:
+    return jax.lax.dynamic_slice_in_dim(perm, start, batch_size), None
+  pos = start + jnp.arange(batch_size)
+  return perm[pos % perm.shape[0]], jnp.arange(batch_size) < valid
+
+
+def eval_batch(images: jax.Array, labels: jax.Array, i, batch_size: int):
+  """``(x, y, mask)``: evaluation batch ``i``, the last one padded (by repeating the last example) and masked."""
+  n = images.shape[0]
+  pos = i * batch_size + jnp.arange(batch_size)
+  idx = jnp.minimum(pos, n - 1)
+  return as_float_images(jnp.take(images, idx, axis=0)), jnp.take(labels, idx, axis=0), pos < n
+
+
 def train_step(
   state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array | None = None
 ) -> tuple[TrainState, Metrics]:
@@ -105,11 +133,8 @@ def train_step(
     logits, updates = state.apply_fn(
       {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"], **kwargs
     )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if mask is None:
-      return jnp.mean(losses), (updates.get("batch_stats", {}), logits, jnp.sum(losses))
-    loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
-    return loss_sum / jnp.sum(mask), (updates.get("batch_stats", {}), logits, loss_sum)
+    loss, loss_sum = cross_entropy(logits, labels, mask)
+    return loss, (updates.get("batch_stats", {}), logits, loss_sum)
 
   grads, (batch_stats, logits, loss_sum) = jax.grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -117,16 +142,8 @@ def train_step(
 
 
 def _gather_step(state, metrics, images, labels, perm, start, batch_size, valid=None):
-  """The batch ``perm[start : start + batch_size]``; with ``valid``, only its first ``valid`` examples are real.
-
-  Positions past the end of ``perm`` wrap around (any real example will do as padding: it is masked).
-  """
-  if valid is None:
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-    mask = None
-  else:
-    pos = start + jnp.arange(batch_size)
-    idx, mask = perm[pos % perm.shape[0]], jnp.arange(batch_size) < valid
+  """One step on the batch at ``start`` of ``perm`` (padded and masked when ``valid`` is given)."""
+  idx, mask = batch_indices(perm, start, batch_size, valid)
   state, m = train_step(state, jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), mask)
   return state, _add(metrics, m)
 
@@ -236,16 +253,12 @@ def train_epoch(
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _jit_evaluate(state, images, labels, batch_size):
   """Evaluation metrics of the whole set in one program: a scan over batches, the last one padded and masked."""
-  n = images.shape[0]
-  num_batches = -(-n // batch_size)
+  num_batches = -(-images.shape[0] // batch_size)
 
   def body(metrics, i):
-    pos = i * batch_size + jnp.arange(batch_size)
-    idx, mask = jnp.minimum(pos, n - 1), pos < n
-    x, y = as_float_images(jnp.take(images, idx, axis=0)), jnp.take(labels, idx, axis=0)
+    x, y, mask = eval_batch(images, labels, i, batch_size)
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return _add(metrics, _batch_metrics(logits, y, jnp.sum(jnp.where(mask, losses, 0.0)), mask)), None
+    return _add(metrics, _batch_metrics(logits, y, cross_entropy(logits, y, mask)[1], mask)), None
 
   metrics, _ = jax.lax.scan(body, zero_metrics(), jnp.arange(num_batches))
   return metrics

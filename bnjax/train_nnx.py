@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from bnjax.train import (
@@ -21,7 +20,10 @@ from bnjax.train import (
   _add,
   _batch_metrics,
   as_float_images,
+  batch_indices,
+  cross_entropy,
   epoch_plan,
+  eval_batch,
   scan_chunks,
   zero_metrics,
 )
@@ -33,11 +35,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images, labels, mask
 
   def loss_fn(model):
     logits = model(images) if mask is None else model(images, mask=mask)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if mask is None:
-      return jnp.mean(losses), (logits, jnp.sum(losses))
-    loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
-    return loss_sum / jnp.sum(mask), (logits, loss_sum)
+    loss, loss_sum = cross_entropy(logits, labels, mask)
+    return loss, (logits, loss_sum)
 
   (_, (logits, loss_sum)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
@@ -51,9 +50,7 @@ def _steps(model, optimizer, metrics, images, labels, perm, start, valid, batch_
   def body(i, carry):
     state, metrics = carry
     model, optimizer = nnx.merge(graphdef, state)
-    pos = start + i * batch_size + jnp.arange(batch_size)
-    idx = perm[pos % perm.shape[0]]
-    mask = jnp.arange(batch_size) < valid if padded else None
+    idx, mask = batch_indices(perm, start + i * batch_size, batch_size, valid if padded else None)
     m = train_step(model, optimizer, jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), mask)
     return nnx.state((model, optimizer)), _add(metrics, m)
 
@@ -97,18 +94,14 @@ def train_epoch(
 
 @functools.partial(nnx.jit, static_argnames=("batch_size",))
 def _evaluate(model, images, labels, batch_size):
-  n = images.shape[0]
   graphdef, state = nnx.split(model)
 
   def body(metrics, i):
-    pos = i * batch_size + jnp.arange(batch_size)
-    idx, mask = jnp.minimum(pos, n - 1), pos < n
-    logits = nnx.merge(graphdef, state)(as_float_images(jnp.take(images, idx, axis=0)))
-    y = jnp.take(labels, idx, axis=0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return _add(metrics, _batch_metrics(logits, y, jnp.sum(jnp.where(mask, losses, 0.0)), mask)), None
+    x, y, mask = eval_batch(images, labels, i, batch_size)
+    logits = nnx.merge(graphdef, state)(x)
+    return _add(metrics, _batch_metrics(logits, y, cross_entropy(logits, y, mask)[1], mask)), None
 
-  metrics, _ = jax.lax.scan(body, zero_metrics(), jnp.arange(-(-n // batch_size)))
+  metrics, _ = jax.lax.scan(body, zero_metrics(), jnp.arange(-(-images.shape[0] // batch_size)))
   return metrics
 
 
