@@ -6,15 +6,27 @@ Public API:
   init_batch_stats  zeros/ones running statistics for a feature shape.
   BatchNorm         Flax linen module, a drop-in for flax.linen.BatchNorm.
   precise_batch_stats  population statistics of every BN layer's input (precise BN).
+  pytorch_preset    keyword arguments for torch.nn.BatchNorm* semantics (function and modules).
+  fold_batch_norm   an eval-mode BN folded into the preceding conv/dense kernel and bias.
 
 Submodules (imported on demand): bnjax.nnx (BatchNorm for Flax NNX), bnjax.data
 (Fashion-MNIST), bnjax.models (LeNet), bnjax.train (jitted training), bnjax.porting
 (PyTorch weights).
 """
 
+from bnjax.folding import fold_batch_norm
 from bnjax.functional import BatchStats, batch_norm, init_batch_stats
 from bnjax.linen import BatchNorm
 from bnjax.precise import precise_batch_stats
+from bnjax.presets import pytorch_preset
 
-__all__ = ["BatchNorm", "BatchStats", "batch_norm", "init_batch_stats", "precise_batch_stats"]
+__all__ = [
+  "BatchNorm",
+  "BatchStats",
+  "batch_norm",
+  "fold_batch_norm",
+  "init_batch_stats",
+  "precise_batch_stats",
+  "pytorch_preset",
+]
 __version__ = "0.1.0"

@@ -39,20 +39,45 @@ Axes = int | Sequence[int]
 
 
 class BatchStats(NamedTuple):
-  """Running statistics of a batch-norm layer."""
+  """Running statistics of a batch-norm layer.
+
+  ``mean`` and ``var`` are always there. The optional fields are None unless an option needs them
+  (None is an empty pytree, so the default two-field state jits, maps and checkpoints as before):
+  ``num_batches_tracked`` counts training updates, as PyTorch does (``momentum=None`` needs it), and
+  ``renorm_mean``/``renorm_std`` are batch renormalization's moving averages (``renorm=True``).
+  """
 
   mean: jax.Array  # [*feature_shape], starts at 0.
   var: jax.Array  # [*feature_shape], starts at 1.
+  num_batches_tracked: jax.Array | None = None  # int32 scalar, starts at 0.
+  renorm_mean: jax.Array | None = None  # [*feature_shape], starts at 0.
+  renorm_std: jax.Array | None = None  # [*feature_shape], starts at 1.
 
 
-def init_batch_stats(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) -> BatchStats:
+def init_batch_stats(
+  feature_shape: int | Sequence[int],
+  dtype: Any = jnp.float32,
+  *,
+  num_batches_tracked: bool = False,
+  renorm: bool = False,
+) -> BatchStats:
   """Returns the chapter's initial running statistics: mean 0, variance 1.
 
+  ``num_batches_tracked=True`` adds PyTorch's batch counter (needed by ``momentum=None``);
+  ``renorm=True`` adds batch renormalization's moving mean 0 and standard deviation 1.
+
   >>> init_batch_stats(3)
-  BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+  BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), \
+num_batches_tracked=None, renorm_mean=None, renorm_std=None)
   """
   shape = (feature_shape,) if isinstance(feature_shape, numbers.Integral) else tuple(feature_shape)
-  return BatchStats(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
+  return BatchStats(
+    mean=jnp.zeros(shape, dtype),
+    var=jnp.ones(shape, dtype),
+    num_batches_tracked=jnp.zeros((), jnp.int32) if num_batches_tracked else None,
+    renorm_mean=jnp.zeros(shape, real_dtype(dtype)) if renorm else None,
+    renorm_std=jnp.ones(shape, real_dtype(dtype)) if renorm else None,
+  )
 
 
 def canonicalize_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
@@ -155,8 +180,10 @@ def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
   if stats is not None:
     if not isinstance(stats, BatchStats):
       raise TypeError(f"`stats` is a {type(stats).__name__}, but should be a bnjax.BatchStats or None.")
-    for field in BatchStats._fields:
+    for field in ("mean", "var", "renorm_mean", "renorm_std"):
       value = getattr(stats, field)
+      if value is None and field.startswith("renorm"):
+        continue
       shape = tuple(jnp.shape(value))
       if shape != feature_shape:
         raise ValueError(
@@ -169,7 +196,13 @@ def _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon):
           f"`stats.{field}` has dtype {jnp.result_type(value)}, but running statistics must be floating "
           "point (an integer array would silently truncate every update); start from bnjax.init_batch_stats."
         )
-  m = _concrete_scalar("momentum", momentum)
+    n = stats.num_batches_tracked
+    if n is not None and (jnp.shape(n) != () or not jnp.issubdtype(jnp.result_type(n), jnp.integer)):
+      raise TypeError(
+        f"`stats.num_batches_tracked` has shape {tuple(jnp.shape(n))} and dtype {jnp.result_type(n)}, but should "
+        "be an integer scalar (a count of training batches)."
+      )
+  m = None if momentum is None else _concrete_scalar("momentum", momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(f"`momentum` is {m}, but should lie in [0, 1] (outside, running variances can turn negative).")
   eps = _concrete_scalar("epsilon", epsilon)
@@ -421,6 +454,48 @@ def normalize_by_batch(
   return normalize(x, scale, bias)
 
 
+def _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name):
+  """Static checks of the variant options (frozen, ghost, renormalized BN)."""
+  for name, value in (("update_stats", update_stats), ("renorm", renorm)):
+    if not isinstance(value, bool | np.bool_):
+      raise TypeError(f"`{name}` is {value!r} ({type(value).__name__}), but should be a Python bool.")
+  if virtual_batch_size is not None:
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral):
+      raise TypeError(f"`virtual_batch_size` is {virtual_batch_size!r}, but should be a positive int or None.")
+    if virtual_batch_size < 1:
+      raise ValueError(f"`virtual_batch_size` is {virtual_batch_size}, but should be a positive int or None.")
+    if axis_name is not None:
+      raise ValueError(
+        f"`virtual_batch_size` ({virtual_batch_size}) and `axis_name` ({axis_name!r}) cannot be combined: ghost "
+        "batch norm normalizes small groups on each device, synchronized BN one batch over all devices. Use one."
+      )
+  if renorm_clipping is not None and not renorm:
+    raise ValueError("`renorm_clipping` is set, but `renorm` is False; pass renorm=True to use batch renormalization.")
+  if renorm:
+    m = _concrete_scalar("renorm_momentum", renorm_momentum)
+    if m is not None and not 0.0 <= m <= 1.0:
+      raise ValueError(f"`renorm_momentum` is {m}, but should lie in [0, 1].")
+    if renorm_clipping is not None:
+      if not isinstance(renorm_clipping, tuple | list) or len(renorm_clipping) != 2:
+        raise TypeError(f"`renorm_clipping` is {renorm_clipping!r}, but should be a pair (r_max, d_max) or None.")
+      r_max, d_max = (
+        None if v is None else _concrete_scalar(n, v) for n, v in zip(("r_max", "d_max"), renorm_clipping, strict=True)
+      )
+      if r_max is not None and not r_max >= 1.0:
+        raise ValueError(
+          f"`renorm_clipping` has r_max {r_max}, but r_max should be >= 1 (r is clipped to [1/r_max, r_max])."
+        )
+      if d_max is not None and not d_max >= 0.0:
+        raise ValueError(
+          f"`renorm_clipping` has d_max {d_max}, but d_max should be >= 0 (d is clipped to [-d_max, d_max])."
+        )
+
+
+def _where_stats(cond: jax.Array, new: BatchStats, old: BatchStats) -> BatchStats:
+  """Field by field ``where(cond, new, old)`` (absent fields stay None), in the new statistics' dtypes."""
+  return BatchStats(*(n if n is None else jnp.where(cond, n, o.astype(n.dtype)) for n, o in zip(new, old, strict=True)))
+
+
 def batch_norm(
   x: jax.Array,
   scale: jax.Array | None,
@@ -429,7 +504,7 @@ def batch_norm(
   *,
   use_running_average: bool | jax.Array,
   axis: Axes = -1,
-  momentum: float | jax.Array = 0.99,
+  momentum: float | jax.Array | None = 0.99,
   epsilon: float | jax.Array = 1e-5,
   axis_name: str | None = None,
   axis_index_groups: Any = None,
@@ -438,6 +513,12 @@ def batch_norm(
   unbiased_running_var: bool = False,
   force_float32_reductions: bool = True,
   dtype: Any = None,
+  update_stats: bool = True,
+  virtual_batch_size: int | None = None,
+  renorm: bool = False,
+  renorm_clipping: tuple[Any, Any] | None = None,
+  renorm_momentum: float | jax.Array = 0.99,
+  track_num_batches: bool = False,
 ) -> tuple[jax.Array, BatchStats | None]:
   """Batch-normalizes ``x`` and returns ``(y, new_stats)``.
 
@@ -453,7 +534,9 @@ def batch_norm(
       scalar bool array, or a traced scalar bool (then both modes are computed and one is selected).
     axis: the feature axis or axes (a repeated axis counts once); every other axis is reduced. -1
       is NHWC, 1 is NCHW.
-    momentum: weight of the old running value, in [0, 1]; ``torch momentum = 1 - momentum``.
+    momentum: weight of the old running value, in [0, 1]; ``torch momentum = 1 - momentum``. None is
+      PyTorch's ``momentum=None``: the cumulative average over all training batches so far, which
+      needs ``stats.num_batches_tracked`` (the ``n``-th batch gets weight ``1/n``).
     epsilon: added to the variance before the square root, >= 0. Concrete values of ``momentum``
       and ``epsilon`` (numbers or arrays) are checked; traced values cannot be, and are the
       caller's responsibility.
@@ -474,6 +557,30 @@ def batch_norm(
     force_float32_reductions: compute statistics in at least float32 (so
       bf16/fp16 inputs never overflow or lose the statistics).
     dtype: dtype of ``y``; defaults to ``x.dtype`` (float32 for integer/bool ``x``).
+    update_stats: whether a training call updates the running statistics. False ("frozen" running
+      statistics) normalizes by the batch but returns ``stats`` unchanged; to normalize by frozen
+      running statistics instead (fine-tuning), use ``use_running_average=True``.
+    virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training, the batch axis (the first
+      non-feature axis) is split into consecutive groups of this many examples, each normalized by its
+      own statistics. The batch must be divisible by it. The running statistics are updated once per
+      call: the mean by the batch mean (the count-weighted mean of the group means) and the variance by
+      the pooled within-group variance ``sum_g n_g var_g / sum_g n_g`` (``/ sum_g (n_g - 1)`` with
+      ``unbiased_running_var``), the spread training actually normalized by, as Keras does. Cannot be
+      combined with ``axis_name``. Evaluation ignores it.
+    renorm: batch renormalization (Ioffe 2017). Training normalizes by the batch statistics, then
+      corrects towards the moving averages ``renorm_mean``/``renorm_std`` of ``stats``:
+      ``y = scale * (xhat * r + d) + bias`` with ``r = clip(sigma_B / renorm_std, 1/r_max, r_max)``,
+      ``d = clip((mean_B - renorm_mean) / renorm_std, -d_max, d_max)``, ``sigma_B = sqrt(var_B +
+      epsilon)``, and no gradient through ``r`` and ``d``. ``renorm_mean``/``renorm_std`` then move
+      towards ``mean_B``/``sigma_B`` with ``renorm_momentum``; ``mean``/``var`` are updated as in plain
+      BN (with ``momentum``) and serve evaluation. Needs ``stats`` from
+      ``init_batch_stats(..., renorm=True)``. Real inputs only.
+    renorm_clipping: ``(r_max, d_max)``, numbers or traced scalars (so a schedule can ramp them, e.g.
+      from (1, 0), plain BN, to (3, 5)); an entry None means unclipped. None: no clipping at all.
+    renorm_momentum: weight of the old value in ``renorm_mean``/``renorm_std``.
+    track_num_batches: require the batch counter ``stats.num_batches_tracked`` (PyTorch's). Whenever the
+      counter is there, each training update adds 1 to it; this flag only makes a missing one an error,
+      so :func:`bnjax.pytorch_preset`'s keywords serve the function and the modules alike.
 
   Returns:
     ``(y, new_stats)``: ``y`` has the shape of ``x``; ``new_stats`` is the
@@ -485,9 +592,10 @@ def batch_norm(
 
   Raises:
     TypeError: ``x`` that is not numeric, ``stats`` of the wrong type or an integer dtype, a
-      ``use_running_average`` that is not a bool.
+      ``use_running_average`` that is not a bool, option values of the wrong type.
     ValueError: rank < 2, a bad ``axis``, shapes that do not match the feature shape, a concrete
-      ``momentum`` outside [0, 1] or ``epsilon`` < 0.
+      ``momentum`` outside [0, 1] or ``epsilon`` < 0, a batch not divisible by
+      ``virtual_batch_size``, options that need fields ``stats`` lacks, refused combinations.
 
   >>> x = jnp.arange(12.0).reshape(4, 3)
   >>> y, stats = batch_norm(x, jnp.ones(3), jnp.zeros(3), init_batch_stats(3),
@@ -512,6 +620,7 @@ def batch_norm(
   if not reduction_axes:
     raise ValueError(f"`axis` is {axis!r}, which covers every axis of `x`; nothing is left to reduce over.")
   _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon)
+  _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name)
   out_dtype = x.dtype if dtype is None else dtype
 
   def evaluate():
@@ -522,6 +631,31 @@ def batch_norm(
   if use_running_average is True:
     return evaluate()
 
+  # Training-mode requirements of the options, checked before any work.
+  for needed, why in (
+    (momentum is None, "`momentum` is None (PyTorch's cumulative average)"),
+    (track_num_batches, "`track_num_batches` is True"),
+  ):
+    if needed and (stats is None or stats.num_batches_tracked is None) and update_stats:
+      raise ValueError(
+        f"{why}, which needs the batch counter `stats.num_batches_tracked`; start from "
+        "bnjax.init_batch_stats(..., num_batches_tracked=True)."
+      )
+  if renorm:
+    if jnp.iscomplexobj(x):
+      raise TypeError(f"`renorm=True` needs a real input, but `x` has dtype {x.dtype}.")
+    if stats is None or stats.renorm_mean is None or stats.renorm_std is None:
+      raise ValueError(
+        "`renorm=True` needs `stats.renorm_mean` and `stats.renorm_std` (the moving averages r and d are "
+        "measured against); start from bnjax.init_batch_stats(..., renorm=True)."
+      )
+  batch_axis = reduction_axes[0]
+  if virtual_batch_size is not None and x.shape[batch_axis] % virtual_batch_size:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)}, whose batch axis {batch_axis} has {x.shape[batch_axis]} examples, not "
+      f"divisible by `virtual_batch_size` {virtual_batch_size}; use a batch size that is a multiple of it."
+    )
+
   if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
     warnings.warn(
       f"bnjax.batch_norm: `x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so the training-mode "
@@ -530,38 +664,90 @@ def batch_norm(
     )
 
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
-  layout = Layout(x.shape, feature_axes)
+  # Ghost BN: the batch axis becomes (groups, virtual_batch_size) and the group axis a feature axis, so
+  # every group gets its own statistics from the same code path. `to_groups` repeats a per-feature array
+  # over the groups (its transpose, in the gradient, sums over them).
+  shape, work_axes, group_pos = x.shape, feature_axes, None
+  if virtual_batch_size is not None:
+    b = batch_axis
+    shape = x.shape[:b] + (x.shape[b] // virtual_batch_size, virtual_batch_size) + x.shape[b + 1 :]
+    group_pos = sum(a < b for a in feature_axes)
+    work_axes = tuple(a for a in feature_axes if a < b) + (b,) + tuple(a + 1 for a in feature_axes if a > b)
+  layout = Layout(shape, work_axes)
 
-  def per_feature(v, default):
-    v = jnp.full(layout.feature_shape, default, reduce_dtype) if v is None else jnp.asarray(v).astype(reduce_dtype)
+  def to_work_features(v):
+    if group_pos is not None:
+      v = jnp.broadcast_to(jnp.expand_dims(v, group_pos), layout.feature_shape)
     return layout.per_feature_to_work(v)
 
-  # Absent scale/bias act as 1/0; their tangents are symbolic zeros, so they cost nothing.
+  def per_feature(v, default):
+    v = jnp.full(tuple(x.shape[a] for a in feature_axes), default, reduce_dtype) if v is None else v
+    return to_work_features(jnp.asarray(v).astype(reduce_dtype))
+
+  work_mask = None
+  if mask is not None:
+    work_mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(shape))
+  # Absent scale/bias act as 1/0; their tangents are symbolic zeros, so they cost nothing. Renorm
+  # applies scale and bias after its correction, so the normalization itself gets 1 and 0.
   y, mean, var, count = normalize_by_batch(
-    layout.to_work(x.astype(reduce_dtype)),
-    per_feature(scale, 1.0),
-    per_feature(bias, 0.0),
+    layout.to_work(x.astype(reduce_dtype).reshape(shape)),
+    per_feature(None if renorm else scale, 1.0),
+    per_feature(None if renorm else bias, 0.0),
     layout,
     epsilon,
-    mask=None if mask is None else layout.to_work(jnp.asarray(mask, bool)),
+    mask=work_mask,
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
     use_fast_variance=use_fast_variance,
   )
-  y = y.reshape(x.shape)
+  if renorm:
+    renorm_std = to_work_features(stats.renorm_std.astype(reduce_dtype))
+    sigma = jnp.sqrt(var + epsilon)
+    r = sigma / renorm_std
+    d = (mean - to_work_features(stats.renorm_mean.astype(reduce_dtype))) / renorm_std
+    r_max, d_max = (None, None) if renorm_clipping is None else renorm_clipping
+    if r_max is not None:
+      r = jnp.clip(r, 1.0 / r_max, r_max)
+    if d_max is not None:
+      d = jnp.clip(d, -d_max, d_max)
+    seen = count > 0  # a feature (or group) with no valid example: xhat = 0 and no correction
+    r, d = lax.stop_gradient(jnp.where(seen, r, 1.0)), lax.stop_gradient(jnp.where(seen, d, 0.0))
+    g, beta = per_feature(scale, 1.0), per_feature(bias, 0.0)
+    y = y * layout.expand(r * g) + layout.expand(d * g + beta)
+  y = y.reshape(x.shape).astype(out_dtype)
   mean, var, count = (layout.per_feature_from_work(v) for v in (mean, var, count))
-  y = y.astype(out_dtype)
-  new_stats = None
-  if stats is not None:
+
+  if stats is None or not update_stats:
+    new_stats = stats
+  else:
     mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-    running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
-    new_stats = BatchStats(mean=ema(stats.mean, mean, momentum), var=ema(stats.var, running_var, momentum))
+    if group_pos is None:
+      running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
+    else:  # ghost BN: combine the groups (see the docstring)
+      total = jnp.sum(count, group_pos)
+      pooled = jnp.sum(count * var, group_pos)
+      dof = jnp.sum(jnp.maximum(count - 1.0, 0.0), group_pos) if unbiased_running_var else total
+      mean = jnp.sum(count * mean, group_pos) / jnp.maximum(total, 1.0)
+      var = pooled / jnp.maximum(total, 1.0)
+      running_var = pooled / jnp.maximum(dof, 1.0)
+      count = total
+    n = stats.num_batches_tracked
+    if momentum is None:  # PyTorch's cumulative average: the (n+1)-th batch gets weight 1 / (n+1)
+      momentum = n.astype(real_dtype(mean.dtype)) / (n + 1).astype(real_dtype(mean.dtype))
+    new_stats = BatchStats(
+      mean=ema(stats.mean, mean, momentum),
+      var=ema(stats.var, running_var, momentum),
+      num_batches_tracked=None if n is None else n + 1,
+    )
+    if renorm:
+      new_stats = new_stats._replace(
+        renorm_mean=ema(stats.renorm_mean, mean, renorm_momentum),
+        renorm_std=ema(stats.renorm_std, jnp.sqrt(var + epsilon), renorm_momentum),
+      )
     if mask is not None:  # no valid example for a feature: nothing to learn, keep its statistics
       seen = count > 0
-      new_stats = BatchStats(
-        mean=jnp.where(seen, new_stats.mean, stats.mean.astype(new_stats.mean.dtype)),
-        var=jnp.where(seen, new_stats.var, stats.var.astype(new_stats.var.dtype)),
-      )
+      kept = _where_stats(seen, new_stats, stats)
+      new_stats = kept._replace(num_batches_tracked=new_stats.num_batches_tracked)
   if use_running_average is False:
     return y, new_stats
 
@@ -569,8 +755,4 @@ def batch_norm(
   if stats is None:
     raise ValueError("`stats` is None, but a traced `use_running_average` may select evaluation, which needs them.")
   y_eval, _ = evaluate()
-  pick = functools.partial(jnp.where, use_running_average)
-  return pick(y_eval, y), BatchStats(
-    mean=pick(stats.mean.astype(new_stats.mean.dtype), new_stats.mean),
-    var=pick(stats.var.astype(new_stats.var.dtype), new_stats.var),
-  )
+  return jnp.where(use_running_average, y_eval, y), _where_stats(jnp.logical_not(use_running_average), new_stats, stats)

@@ -39,6 +39,12 @@ class BatchNorm(Module):
     Flax's behaviour.
   * ``unbiased_running_var`` (new, default False) updates the running variance
     with the unbiased batch variance, as ``torch.nn.BatchNorm*`` does.
+  * bnjax's variants, all off by default (see :func:`bnjax.batch_norm` for the math):
+    ``update_stats=False`` (train with batch statistics, keep the running ones),
+    ``virtual_batch_size`` (ghost BN), ``renorm``/``renorm_clipping``/``renorm_momentum``
+    (batch renormalization; adds ``batch_stats/{renorm_mean,renorm_std}``), ``momentum=None``
+    (PyTorch's cumulative average) and ``track_num_batches`` (both keep PyTorch's counter in
+    ``batch_stats/num_batches_tracked``). :func:`bnjax.pytorch_preset` sets them the PyTorch way.
 
   Attributes:
     use_running_average: if True, normalize by the running statistics.
@@ -56,6 +62,12 @@ class BatchNorm(Module):
     use_fast_variance: opt in to the one-pass, less stable variance.
     force_float32_reductions: compute statistics in at least float32.
     unbiased_running_var: PyTorch-style unbiased running variance update.
+    update_stats: whether training calls update the running statistics.
+    virtual_batch_size: ghost batch norm's group size (None: the whole batch).
+    renorm: batch renormalization.
+    renorm_clipping: ``(r_max, d_max)``; the call's ``renorm_clipping`` overrides it (for schedules).
+    renorm_momentum: decay of renorm's moving mean and standard deviation.
+    track_num_batches: keep a count of training batches (implied by ``momentum=None``).
 
   >>> import jax, jax.numpy as jnp
   >>> bn = BatchNorm(momentum=0.9)
@@ -66,7 +78,7 @@ class BatchNorm(Module):
 
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Any | None = None
   param_dtype: Any = jnp.float32
@@ -79,6 +91,12 @@ class BatchNorm(Module):
   use_fast_variance: bool = False
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
+  update_stats: bool = True
+  virtual_batch_size: int | None = None
+  renorm: bool = False
+  renorm_clipping: tuple[Any, Any] | None = None
+  renorm_momentum: float = 0.99
+  track_num_batches: bool = False
 
   @compact
   def __call__(
@@ -87,6 +105,7 @@ class BatchNorm(Module):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    renorm_clipping: tuple[Any, Any] | None = None,
   ) -> jax.Array:
     """Normalizes ``x`` by batch (training) or running (evaluation) statistics.
 
@@ -96,6 +115,8 @@ class BatchNorm(Module):
         of the two must be set.
       mask: boolean array broadcastable to ``x``; False entries are left out of
         the batch statistics.
+      renorm_clipping: ``(r_max, d_max)`` for this call, e.g. traced values from a schedule;
+        overrides the field.
 
     Returns:
       The normalized input, with the shape of ``x``.
@@ -110,6 +131,14 @@ class BatchNorm(Module):
 
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), feature_shape)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), feature_shape)
+    # The optional statistics exist only when an option uses them, so default checkpoints keep Flax's names.
+    counter = None
+    if self.momentum is None or self.track_num_batches:
+      counter = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    renorm_mean = renorm_std = None
+    if self.renorm:
+      renorm_mean = self.variable("batch_stats", "renorm_mean", lambda s: jnp.zeros(s, var_dtype), feature_shape)
+      renorm_std = self.variable("batch_stats", "renorm_std", lambda s: jnp.ones(s, var_dtype), feature_shape)
     scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
@@ -125,7 +154,11 @@ class BatchNorm(Module):
         x,
         scale,
         bias,
-        BatchStats(ra_mean.value, ra_var.value),
+        BatchStats(
+          ra_mean.value,
+          ra_var.value,
+          *(None if v is None else v.value for v in (counter, renorm_mean, renorm_std)),
+        ),
         use_running_average=mode,
         axis=feature_axes,
         momentum=self.momentum,
@@ -137,7 +170,15 @@ class BatchNorm(Module):
         unbiased_running_var=self.unbiased_running_var,
         force_float32_reductions=self.force_float32_reductions,
         dtype=out_dtype,
+        update_stats=self.update_stats,
+        virtual_batch_size=self.virtual_batch_size,
+        renorm=self.renorm,
+        renorm_clipping=self.renorm_clipping if renorm_clipping is None else renorm_clipping,
+        renorm_momentum=self.renorm_momentum,
+        track_num_batches=self.track_num_batches,
       )
-    if mode is not True and not initializing:
-      ra_mean.value, ra_var.value = new_stats.mean, new_stats.var
+    if mode is not True and not initializing and self.update_stats:
+      for variable, value in zip((ra_mean, ra_var, counter, renorm_mean, renorm_std), new_stats, strict=True):
+        if variable is not None:
+          variable.value = value
     return y

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bnjax.conv import Conv, NNXConv
+from bnjax.folding import fold_batch_norm
 from bnjax.linen import BatchNorm
 from bnjax.nnx import BatchNorm as NNXBatchNorm
 
@@ -73,6 +74,28 @@ class LeNet(nn.Module):
     x = nn.sigmoid(self._norm(nn.Dense(120, kernel_init=kernel_init, name="fc1")(x), train, "bn3", mask))
     x = nn.sigmoid(self._norm(nn.Dense(84, kernel_init=kernel_init, name="fc2")(x), train, "bn4", mask))
     return nn.Dense(self.num_classes, kernel_init=kernel_init, name="fc3")(x)
+
+
+# Which BN layer follows which conv/dense layer in LeNet.
+LENET_BN_AFTER = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn3", "fc2": "bn4"}
+
+
+def fold_lenet(variables: dict, epsilon: float = CHAPTER_EPSILON) -> dict:
+  """Variables of ``LeNet(norm="none")`` with the same evaluation-mode logits as BN LeNet ``variables``.
+
+  Every BN layer is folded into the conv/dense layer before it (:func:`bnjax.fold_batch_norm`); ``fc3``
+  is copied. Works for ``norm="ours"`` and ``norm="flax"`` variables alike (same names).
+  """
+  params, stats = variables["params"], variables.get("batch_stats")
+  if not stats:
+    raise ValueError("`variables` has no 'batch_stats': these are plain LeNet variables, nothing to fold.")
+  missing = sorted(set(LENET_BN_AFTER.values()) - set(stats))
+  if missing:
+    raise KeyError(f"`variables['batch_stats']` has no {missing}; BN LeNet has {sorted(LENET_BN_AFTER.values())}.")
+  folded = {
+    layer: fold_batch_norm(params[layer], params[bn], stats[bn], epsilon) for layer, bn in LENET_BN_AFTER.items()
+  }
+  return {"params": {**folded, "fc3": params["fc3"]}}
 
 
 def init_lenet(model: LeNet, key: jax.Array, batch_size: int = 2) -> dict:

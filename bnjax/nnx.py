@@ -60,6 +60,9 @@ class BatchNorm(nnx.Module):
     bias_metadata, scale_metadata: passed to the ``nnx.Param`` (e.g. sharding annotations).
     unbiased_running_var: update the running variance with ``n / (n - 1)`` times the batch's.
     force_float32_reductions: compute statistics in at least float32.
+    update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, track_num_batches:
+      bnjax's variants, as in the linen module (``momentum=None`` too); renorm adds the
+      ``renorm_mean``/``renorm_std`` statistics and the counter ``num_batches_tracked``.
   """
 
   def __init__(
@@ -68,7 +71,7 @@ class BatchNorm(nnx.Module):
     *,
     use_running_average: bool | None = False,
     axis: int = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     dtype: Any | None = None,
     param_dtype: Any = jnp.float32,
@@ -85,10 +88,21 @@ class BatchNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     unbiased_running_var: bool = False,
     force_float32_reductions: bool = True,
+    update_stats: bool = True,
+    virtual_batch_size: int | None = None,
+    renorm: bool = False,
+    renorm_clipping: tuple[Any, Any] | None = None,
+    renorm_momentum: float = 0.99,
+    track_num_batches: bool = False,
   ):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    # Optional statistics exist only when an option uses them (same names as the linen module's).
+    tracked = momentum is None or track_num_batches
+    self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32)) if tracked else nnx.data(None)
+    self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32)) if renorm else nnx.data(None)
+    self.renorm_std = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32)) if renorm else nnx.data(None)
     self.scale = (
       nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
       if use_scale
@@ -112,9 +126,25 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.unbiased_running_var = unbiased_running_var
     self.force_float32_reductions = force_float32_reductions
+    self.update_stats = update_stats
+    self.virtual_batch_size = virtual_batch_size
+    self.renorm = renorm
+    self.renorm_clipping = renorm_clipping
+    self.renorm_momentum = renorm_momentum
+    self.track_num_batches = track_num_batches
 
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
-    """Normalizes ``x``; in training mode (``use_running_average=False``) updates ``mean``/``var`` in place."""
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+    renorm_clipping: tuple[Any, Any] | None = None,
+  ):
+    """Normalizes ``x``; in training mode (``use_running_average=False``) updates the statistics in place.
+
+    ``renorm_clipping`` overrides the attribute for this call (e.g. traced values from a schedule).
+    """
     mode = use_running_average if use_running_average is not None else self.use_running_average
     if mode is None:
       raise ValueError(_NO_MODE)
@@ -135,7 +165,11 @@ class BatchNorm(nnx.Module):
       x,
       scale,
       bias,
-      BatchStats(mean, var),
+      BatchStats(
+        mean,
+        var,
+        *(None if v is None else v[...] for v in (self.num_batches_tracked, self.renorm_mean, self.renorm_std)),
+      ),
       use_running_average=mode,
       axis=axis,
       momentum=self.momentum,
@@ -146,10 +180,17 @@ class BatchNorm(nnx.Module):
       use_fast_variance=self.use_fast_variance,
       unbiased_running_var=self.unbiased_running_var,
       force_float32_reductions=self.force_float32_reductions,
+      update_stats=self.update_stats,
+      virtual_batch_size=self.virtual_batch_size,
+      renorm=self.renorm,
+      renorm_clipping=self.renorm_clipping if renorm_clipping is None else renorm_clipping,
+      renorm_momentum=self.renorm_momentum,
+      track_num_batches=self.track_num_batches,
     )
-    if mode is not True:
-      self.mean[...] = new_stats.mean
-      self.var[...] = new_stats.var
+    if mode is not True and self.update_stats:
+      for name, value in zip(BatchStats._fields, new_stats, strict=True):
+        if value is not None:
+          getattr(self, name)[...] = value
     return y
 
   def set_view(self, use_running_average: bool | None = None):

@@ -1,4 +1,4 @@
-"""Import PyTorch weights: a ``state_dict`` in, Flax ``params`` and ``batch_stats`` out.
+"""PyTorch weights in and out: a ``state_dict`` to Flax ``params`` and ``batch_stats``, and back.
 
 bnjax never imports torch: pass the state dict's tensors as they are (anything with ``.detach()``
 is converted through ``.detach().cpu().numpy()``) or already as NumPy arrays. The layout
@@ -10,7 +10,12 @@ conversions are:
   (h, w, c);
 * batch norm: ``weight``/``bias`` (or the chapter's ``gamma``/``beta``, of shape (1, C[, 1, 1]))
   -> ``scale``/``bias``; ``running_mean``/``running_var`` (or ``moving_mean``/``moving_var``) ->
-  ``batch_stats`` ``mean``/``var``; ``num_batches_tracked`` is ignored.
+  ``batch_stats`` ``mean``/``var``; ``num_batches_tracked`` becomes ``batch_stats``
+  ``num_batches_tracked`` when asked for (``num_batches_tracked=True``, for layers with
+  ``track_num_batches`` or ``momentum=None``), and is ignored otherwise.
+
+The ``*_to_torch`` functions go the other way and return NumPy arrays (``torch.from_numpy`` each, or
+``{k: torch.tensor(v) ...}``) for ``load_state_dict``; a BN layer without a counter exports 0.
 
 As in PyTorch's ``load_state_dict(strict=True)``, :func:`lenet_from_torch` refuses keys it does not
 use (``strict=False`` ignores them), and a missing key is named exactly. A ``module.`` prefix on every
@@ -18,7 +23,8 @@ key (``nn.DataParallel`` / ``DistributedDataParallel``) is removed.
 
 Remember that PyTorch's ``momentum`` is ``1 - `` bnjax's and that ``nn.BatchNorm*`` updates the running
 variance with the unbiased batch variance: use ``momentum=0.9, unbiased_running_var=True`` (the
-LeNet's ``unbiased_running_var=True``) to keep training a ported ``nn.BatchNorm`` model the same way.
+LeNet's ``unbiased_running_var=True``) to keep training a ported ``nn.BatchNorm`` model the same way;
+``bnjax.pytorch_preset(momentum, eps)`` gives all of these at once, counter included.
 """
 
 from __future__ import annotations
@@ -60,10 +66,10 @@ class StateDictError(KeyError):
 
 
 def to_numpy(value: Any) -> np.ndarray:
-  """A tensor or array as float32 NumPy, without importing torch."""
+  """A tensor or array as a float32 NumPy copy, without importing torch."""
   if hasattr(value, "detach"):
     value = value.detach().cpu().numpy()
-  return np.asarray(value, np.float32)
+  return np.array(value, np.float32)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def _get(state_dict: Mapping[str, Any], key: str, shape_hint: str) -> np.ndarray:
@@ -106,8 +112,14 @@ def dense_from_torch(
   return {"kernel": w.T, "bias": _get(state_dict, f"{prefix}.bias", "linear bias")}
 
 
-def batch_norm_from_torch(state_dict: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
-  """A PyTorch or chapter BatchNorm -> ``(params {scale, bias}, batch_stats {mean, var})``."""
+def batch_norm_from_torch(
+  state_dict: Mapping[str, Any], prefix: str, num_batches_tracked: bool = False
+) -> tuple[dict, dict]:
+  """A PyTorch or chapter BatchNorm -> ``(params {scale, bias}, batch_stats {mean, var})``.
+
+  With ``num_batches_tracked=True``, ``batch_stats`` also holds PyTorch's counter (int32), which the
+  state dict must then have.
+  """
   out = {}
   for ours, names in _BN_NAMES.items():
     key = next((f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in state_dict), None)
@@ -121,7 +133,51 @@ def batch_norm_from_torch(state_dict: Mapping[str, Any], prefix: str) -> tuple[d
   sizes = {k: v.size for k, v in out.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"BatchNorm {prefix!r} has inconsistent feature counts: {sizes}.")
-  return {"scale": out["scale"], "bias": out["bias"]}, {"mean": out["mean"], "var": out["var"]}
+  stats = {"mean": out["mean"], "var": out["var"]}
+  if num_batches_tracked:
+    key = f"{prefix}.num_batches_tracked"
+    if key not in state_dict:
+      raise StateDictError(
+        f"state_dict has no {key!r}, but num_batches_tracked=True asks for PyTorch's batch counter "
+        "(the chapter's scratch BatchNorm has none: pass num_batches_tracked=False)."
+      )
+    value = state_dict[key]
+    value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"`{key}` has shape {value.shape} and dtype {value.dtype}, but should be an integer count.")
+    stats["num_batches_tracked"] = np.asarray(value.reshape(()), np.int32)
+  return {"scale": out["scale"], "bias": out["bias"]}, stats
+
+
+def conv_to_torch(params: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+  """``{"kernel": (H, W, I, O), "bias"}`` -> ``{prefix}.weight`` (O, I, H, W) and ``{prefix}.bias``."""
+  return {
+    f"{prefix}.weight": to_numpy(params["kernel"]).transpose(3, 2, 0, 1),
+    f"{prefix}.bias": to_numpy(params["bias"]),
+  }
+
+
+def dense_to_torch(
+  params: Mapping[str, Any], prefix: str, flatten_chw: tuple[int, int, int] | None = None
+) -> dict[str, np.ndarray]:
+  """``{"kernel": (in, out), "bias"}`` -> ``{prefix}.weight`` (out, in); inverse of :func:`dense_from_torch`."""
+  w = to_numpy(params["kernel"]).T
+  if flatten_chw is not None:
+    c, h, wd = flatten_chw
+    w = w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
+  return {f"{prefix}.weight": w, f"{prefix}.bias": to_numpy(params["bias"])}
+
+
+def batch_norm_to_torch(params: Mapping[str, Any], stats: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+  """``params {scale, bias}`` and ``batch_stats`` -> ``nn.BatchNorm*`` keys, the counter as int64 (0 if absent)."""
+  counter = stats.get("num_batches_tracked")
+  return {
+    f"{prefix}.weight": to_numpy(params["scale"]),
+    f"{prefix}.bias": to_numpy(params["bias"]),
+    f"{prefix}.running_mean": to_numpy(stats["mean"]),
+    f"{prefix}.running_var": to_numpy(stats["var"]),
+    f"{prefix}.num_batches_tracked": np.array(0 if counter is None else counter, np.int64),
+  }
 
 
 def strip_data_parallel_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -140,7 +196,10 @@ def _accepted_keys(layout: Mapping[str, str]) -> set[str]:
 
 
 def lenet_from_torch(
-  state_dict: Mapping[str, Any], layout: Mapping[str, str] | None = None, strict: bool = True
+  state_dict: Mapping[str, Any],
+  layout: Mapping[str, str] | None = None,
+  strict: bool = True,
+  num_batches_tracked: bool = False,
 ) -> dict:
   """Variables of :class:`bnjax.models.LeNet` from the chapter's PyTorch LeNet.
 
@@ -152,6 +211,7 @@ def lenet_from_torch(
     layout: our layer name -> PyTorch module name; defaults to the chapter's ``nn.Sequential``
       with BatchNorm when module ``1`` has parameters, else the plain LeNet.
     strict: refuse keys that the layout does not use (PyTorch's ``strict``); False ignores them.
+    num_batches_tracked: keep each BN layer's ``num_batches_tracked`` in its ``batch_stats``.
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` (no ``batch_stats`` for the plain LeNet).
@@ -180,7 +240,29 @@ def lenet_from_torch(
     elif ours.startswith("fc"):
       params[ours] = dense_from_torch(state_dict, theirs, LENET_FLATTEN_CHW if ours == "fc1" else None)
     elif ours.startswith("bn"):
-      params[ours], stats[ours] = batch_norm_from_torch(state_dict, theirs)
+      params[ours], stats[ours] = batch_norm_from_torch(state_dict, theirs, num_batches_tracked)
     else:
       raise ValueError(f"`layout` names layer {ours!r}; LeNet's layers are conv1, conv2, fc1..fc3 and bn1..bn4.")
   return {"params": params, "batch_stats": stats} if stats else {"params": params}
+
+
+def lenet_to_torch(variables: Mapping[str, Any], layout: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+  """The chapter's PyTorch LeNet ``state_dict`` (NumPy arrays) from :class:`bnjax.models.LeNet` variables.
+
+  The inverse of :func:`lenet_from_torch` for ``nn.BatchNorm`` models (``running_*`` names); the layout
+  defaults to the BN LeNet's when ``variables`` has ``batch_stats``, else the plain LeNet's.
+  """
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  if layout is None:
+    layout = LENET_BN_LAYOUT if stats else LENET_PLAIN_LAYOUT
+  state_dict: dict[str, np.ndarray] = {}
+  for ours, theirs in layout.items():
+    if ours not in params:
+      raise KeyError(f"`variables['params']` has no layer {ours!r}; it has {sorted(params)}.")
+    if ours.startswith("conv"):
+      state_dict |= conv_to_torch(params[ours], theirs)
+    elif ours.startswith("fc"):
+      state_dict |= dense_to_torch(params[ours], theirs, LENET_FLATTEN_CHW if ours == "fc1" else None)
+    else:
+      state_dict |= batch_norm_to_torch(params[ours], stats[ours], theirs)
+  return state_dict

@@ -1,7 +1,7 @@
 """Side-by-side throughput: bnjax vs Flax's BatchNorm vs the chapter's PyTorch code, in one sitting.
 
     python -m experiments.bench --end-to-end  # the main job vs the chapter's PyTorch code, whole processes
-    python -m experiments.bench               # LeNet train loop (warm steps) + BN op at the chapter's shapes
+    python -m experiments.bench               # LeNet train loop (warm steps), folded inference, BN op
     python -m experiments.bench --quick       # a smoke test small enough for CI
 
 End to end: ``python -m experiments.lenet_fmnist`` and ``python -m experiments.torch_lenet`` (the
@@ -16,6 +16,10 @@ Fashion-MNIST-sized data for every row. bnjax rows run ``bnjax.train.train_epoch
 device, on-device shuffle, scan-driven loop); PyTorch rows run the chapter's eager loop (forward,
 cross-entropy, backward, ``SGD.step``). Warm-up is excluded; the first (compiling) call is reported
 apart; figures are the median of ``--repeats`` timed runs of ``--steps`` steps.
+
+Inference section: evaluation-mode logits of the BN LeNet against the same network with every BN folded
+into the conv/dense layer before it (``bnjax.models.fold_lenet``), one jitted program each over the
+same images, round-robin repeats.
 
 Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
 implementation must move (read x, write y; read x and dy, write dx: 5 x the tensor) and the achieved
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import batch_norm, init_batch_stats, train
-from bnjax.models import LeNet
+from bnjax.models import LeNet, fold_lenet, init_lenet
 
 OP_SHAPES = [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84), (128, 56, 56, 64)]
 QUICK_OP_SHAPES = [(256, 8, 8, 16), (256, 84)]
@@ -207,6 +211,72 @@ def bench_op_shape(torch, shape, repeats: int, inner: int) -> list[dict]:
   ]
 
 
+def bench_inference(images: np.ndarray, batch_size: int, repeats: int) -> dict:
+  """Evaluation-mode logits of BN LeNet vs the same LeNet with its BN folded in (``fold_lenet``).
+
+  Both run as one jitted program over all ``images`` in batches (``lax.map``), as the experiment's
+  evaluation does; the BN statistics are made non-trivial so folding does real work.
+  """
+  rng = np.random.default_rng(0)
+  variables = init_lenet(LeNet(norm="ours"), jax.random.key(0))
+  stats = {
+    bn: {
+      "mean": jnp.asarray(rng.normal(0, 1, s["mean"].shape), jnp.float32),
+      "var": jnp.asarray(rng.uniform(0.5, 2, s["var"].shape), jnp.float32),
+    }
+    for bn, s in variables["batch_stats"].items()
+  }
+  variables = {"params": variables["params"], "batch_stats": stats}
+  usable = len(images) // batch_size * batch_size
+  x = jnp.asarray(images[:usable]).reshape(-1, batch_size, 28, 28, 1)
+
+  def program(model, v):
+    f = jax.jit(lambda v, x: jax.lax.map(lambda b: model.apply(v, b, train=False), x))
+    t0 = time.perf_counter()
+    f(v, x).block_until_ready()
+    return (lambda: f(v, x).block_until_ready()), time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  folded = fold_lenet(variables)
+  jax.block_until_ready(folded)
+  fold_seconds = time.perf_counter() - t0
+  runs = {
+    "LeNet + bnjax.BatchNorm, eval mode": program(LeNet(norm="ours"), variables),
+    "LeNet with BN folded into conv/dense": program(LeNet(norm="none"), folded),
+  }
+  times = {name: [] for name in runs}
+  for _ in range(repeats):  # round-robin, as for the training rows
+    for name, (run, _) in runs.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  rows = [
+    {
+      "name": name,
+      "seconds": statistics.median(times[name]),
+      "all_seconds": times[name],
+      "first_call_seconds": first,
+      "examples_per_sec": usable / statistics.median(times[name]),
+    }
+    for name, (_, first) in runs.items()
+  ]
+  logits = [
+    np.asarray(run_logits)
+    for run_logits in (
+      LeNet(norm="ours").apply(variables, x[0], train=False),
+      LeNet(norm="none").apply(folded, x[0], train=False),
+    )
+  ]
+  return {
+    "examples": usable,
+    "batch_size": batch_size,
+    "rows": rows,
+    "fold_seconds": fold_seconds,
+    "speedup": rows[1]["examples_per_sec"] / rows[0]["examples_per_sec"],
+    "max_abs_logit_diff": float(np.max(np.abs(logits[0] - logits[1]))),
+  }
+
+
 def _timed_child(cmd: list[str]) -> tuple[float, float, int]:
   """``(wall seconds, peak RSS in MB, exit code)`` of one child process, measured from outside."""
   import subprocess
@@ -356,6 +426,18 @@ def main(argv=None) -> dict:
   nnx_linen = rows[2]["examples_per_sec"] / rows[0]["examples_per_sec"]
   print(f"NNX / linen throughput (both with bnjax's BatchNorm): {nnx_linen:.3f}")
 
+  inference = bench_inference(images, args.batch_size, repeats)
+  print(
+    f"\nInference: eval-mode logits for {inference['examples']:,} images, batch {args.batch_size}, one jitted program"
+  )
+  print(f"{'':45s} {'examples/sec':>13s} {'first call (s)':>15s}")
+  for r in inference["rows"]:
+    print(f"{r['name']:45s} {r['examples_per_sec']:13,.0f} {r['first_call_seconds']:15.2f}")
+  print(
+    f"folded / BN throughput: {inference['speedup']:.2f}x (folding took {inference['fold_seconds'] * 1e3:.1f} ms; "
+    f"largest logit difference {inference['max_abs_logit_diff']:.1e})"
+  )
+
   op_rows = []
   if not args.no_ops:
     shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
@@ -377,6 +459,7 @@ def main(argv=None) -> dict:
     "repeats": repeats,
     "batch_size": args.batch_size,
     "model": rows,
+    "inference": inference,
     "ops": op_rows,
   }
   if args.out:

@@ -535,3 +535,247 @@ def test_epsilon_zero_is_allowed(rng):
   y, _ = batch_norm(x, gamma, beta, init_batch_stats(3), use_running_average=False, epsilon=0.0)
   ref, _, _ = reference_batch_norm(x, gamma, beta, 0.0, 1.0, feature_axes=(1,), train=True, eps=0.0)
   assert_trees_close(y, ref, "framework")
+
+
+# --- variants: frozen, ghost, renormalized BN, PyTorch's cumulative average (issue 11) -----------
+
+
+def train_step(x, scale, bias, stats, **kwargs):
+  return batch_norm(x, scale, bias, stats, use_running_average=False, momentum=0.9, **kwargs)
+
+
+def test_frozen_statistics_normalize_by_the_batch_and_return_the_stats_unchanged(rng):
+  x, gamma, beta = random_case(rng, (16, 4, 4, 5), (3,))
+  stats = BatchStats(jnp.full(5, 0.3), jnp.full(5, 2.0))
+  y, new = train_step(x, gamma, beta, stats, update_stats=False)
+  y_default, _ = train_step(x, gamma, beta, stats)
+  assert new is stats
+  np.testing.assert_array_equal(y, y_default)
+  loss = lambda f: lambda x, g: jnp.sum(jnp.sin(f(x, g)[0]))  # noqa: E731
+  grads = jax.grad(loss(lambda x, g: train_step(x, g, beta, stats, update_stats=False)), (0, 1))(x, gamma)
+  assert_trees_close(grads, jax.grad(loss(lambda x, g: train_step(x, g, beta, stats)), (0, 1))(x, gamma))
+
+
+def reference_ghost(x, gamma, beta, mean, var, k, *, momentum=0.9, eps=1e-5, unbiased=False, mask=None):
+  """Ghost BN over axis 0 in float64 NumPy: each group of k by itself; running stats as documented."""
+  x = np.asarray(x, np.float64)
+  mask = np.ones(x.shape[0], bool) if mask is None else mask
+  ys, counts, means, m2s = [], [], [], []
+  for start in range(0, x.shape[0], k):
+    g, valid = x[start : start + k], mask[start : start + k]
+    red = tuple(range(g.ndim - 1))
+    n = valid.sum() * np.prod(g.shape[1:-1])
+    m = g[valid].mean(axis=red) if n else np.zeros(g.shape[-1])
+    v = ((g[valid] - m) ** 2).mean(axis=red) if n else np.zeros(g.shape[-1])
+    ys.append(gamma * (g - m) / np.sqrt(v + eps) + beta if n else np.broadcast_to(beta, g.shape))
+    counts.append(n), means.append(m), m2s.append(n * v)
+  counts = np.array(counts, np.float64)[:, None]
+  batch_mean = (counts * np.array(means)).sum(0) / counts.sum()
+  dof = np.maximum(counts - 1, 0).sum() if unbiased else counts.sum()
+  batch_var = np.array(m2s).sum(0) / dof
+  return np.concatenate(ys), momentum * mean + (1 - momentum) * batch_mean, momentum * var + (1 - momentum) * batch_var
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("shape", [(12, 5), (12, 3, 3, 4)])
+def test_ghost_batch_norm_normalizes_each_group_by_itself(rng, shape, unbiased):
+  x, gamma, beta = random_case(rng, shape, (len(shape) - 1,))
+  stats = init_batch_stats(shape[-1])
+  y, new = jax.jit(functools.partial(train_step, virtual_batch_size=4, unbiased_running_var=unbiased))(
+    x, gamma, beta, stats
+  )
+  y_ref, mean_ref, var_ref = reference_ghost(x, gamma, beta, 0.0, 1.0, 4, unbiased=unbiased)
+  assert_trees_close((y, new.mean, new.var), (y_ref, mean_ref, var_ref))
+
+
+def test_ghost_batch_norm_with_a_mask_drops_empty_groups_and_padding(rng):
+  x, gamma, beta = random_case(rng, (12, 5), (1,))
+  mask = np.array([1, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1], bool)  # group 2 is all padding
+  y, new = train_step(x, gamma, beta, init_batch_stats(5), virtual_batch_size=4, mask=mask[:, None])
+  y_ref, mean_ref, var_ref = reference_ghost(x, gamma, beta, 0.0, 1.0, 4, mask=mask)
+  assert_trees_close((y[mask], new.mean, new.var), (y_ref[mask], mean_ref, var_ref))
+
+
+def test_one_virtual_batch_is_plain_batch_norm_and_ghost_gradients_are_per_group(rng):
+  x, gamma, beta = random_case(rng, (8, 6), (1,))
+  stats = init_batch_stats(6)
+  assert_trees_close(train_step(x, gamma, beta, stats, virtual_batch_size=8), train_step(x, gamma, beta, stats))
+  # The gradient of ghost BN is that of plain BN applied to each group separately.
+  loss = lambda f: lambda x, g, b: jnp.sum(jnp.sin(f(x, g, b)))  # noqa: E731
+  ghost = jax.grad(loss(lambda x, g, b: train_step(x, g, b, stats, virtual_batch_size=4)[0]), (0, 1, 2))(x, gamma, beta)
+  halves = [
+    jax.grad(loss(lambda x, g, b: train_step(x, g, b, stats)[0]), (0, 1, 2))(h, gamma, beta) for h in (x[:4], x[4:])
+  ]
+  expected = (np.concatenate([halves[0][0], halves[1][0]]), halves[0][1] + halves[1][1], halves[0][2] + halves[1][2])
+  assert_trees_close(ghost, expected)
+  check_grads(lambda x, g: train_step(x, g, beta, stats, virtual_batch_size=4)[0], (x, gamma), order=1, modes=["rev"])
+
+
+def test_ghost_batch_norm_under_vmap_and_in_evaluation(rng):
+  x, gamma, beta = random_case(rng, (3, 8, 5), (2,))  # vmap over the leading axis
+  stats = init_batch_stats(5)
+  ys, news = jax.vmap(lambda x: train_step(x, gamma, beta, stats, virtual_batch_size=4))(x)
+  for i in range(3):
+    assert_trees_close((ys[i], news.mean[i]), reference_ghost(x[i], gamma, beta, 0.0, 1.0, 4)[:2])
+  # Evaluation uses the running statistics: the group size plays no part (any batch size works).
+  y_eval, _ = batch_norm(x[0, :3], gamma, beta, stats, use_running_average=True, virtual_batch_size=2)
+  assert_trees_close(y_eval, batch_norm(x[0, :3], gamma, beta, stats, use_running_average=True)[0])
+
+
+def reference_renorm(x, gamma, beta, stats, r_max, d_max, *, eps=1e-5, momentum=0.9, renorm_momentum=0.8):
+  """Ioffe (2017), Algorithm 1, in float64 NumPy over axis 0..n-2 (features last)."""
+  x = np.asarray(x, np.float64)
+  red = tuple(range(x.ndim - 1))
+  mean, var, rm, rs = (np.asarray(getattr(stats, f), np.float64) for f in ("mean", "var", "renorm_mean", "renorm_std"))
+  m = x.mean(red)
+  v = ((x - m) ** 2).mean(red)
+  sigma = np.sqrt(v + eps)
+  r = np.clip(sigma / rs, 1 / r_max, r_max)
+  d = np.clip((m - rm) / rs, -d_max, d_max)
+  y = gamma * ((x - m) / sigma * r + d) + beta
+  a, b = 1 - momentum, 1 - renorm_momentum  # the paper's update rate alpha
+  return y, (mean + a * (m - mean), var + a * (v - var), rm + b * (m - rm), rs + b * (sigma - rs))
+
+
+def test_batch_renorm_follows_the_paper_over_several_steps(rng):
+  gamma, beta = rng.uniform(0.5, 2, 4), rng.normal(0, 1, 4)
+  stats = init_batch_stats(4, renorm=True)
+  step = jax.jit(
+    lambda x, stats, clip: train_step(x, gamma, beta, stats, renorm=True, renorm_clipping=clip, renorm_momentum=0.8)
+  )
+  for i, clip in enumerate([(1.0, 0.0), (1.5, 0.5), (3.0, 5.0), (3.0, 5.0)]):  # a ramp, traced: one compile
+    x = (rng.normal(2 * i, 1 + i, (16, 3, 3, 4))).astype(np.float32)
+    y_ref, expected = reference_renorm(x, gamma, beta, stats, *clip)
+    y, stats = step(x, stats, tuple(jnp.float32(c) for c in clip))
+    assert_trees_close((y, (stats.mean, stats.var, stats.renorm_mean, stats.renorm_std)), (y_ref, expected))
+  assert step._cache_size() == 1
+  assert float(jnp.min(stats.renorm_std)) > 1.5  # the moving std did move, so r was clipped along the way
+
+
+def test_batch_renorm_with_r_max_1_and_d_max_0_is_plain_batch_norm(rng):
+  x, gamma, beta = random_case(rng, (16, 5), (1,))
+  stats = init_batch_stats(5, renorm=True)._replace(renorm_mean=jnp.full(5, 3.0), renorm_std=jnp.full(5, 0.2))
+  renorm = lambda x, g, b: train_step(x, g, b, stats, renorm=True, renorm_clipping=(1.0, 0.0))  # noqa: E731
+  plain = lambda x, g, b: train_step(x, g, b, stats)  # noqa: E731
+  (y_r, s_r), (y_p, s_p) = renorm(x, gamma, beta), plain(x, gamma, beta)
+  assert_trees_close((y_r, s_r.mean, s_r.var), (y_p, s_p.mean, s_p.var))
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)[0]))  # noqa: E731
+  assert_trees_close(
+    jax.grad(loss(renorm), (0, 1, 2))(x, gamma, beta), jax.grad(loss(plain), (0, 1, 2))(x, gamma, beta)
+  )
+
+
+def test_batch_renorm_has_no_gradient_through_r_and_d(rng):
+  x, gamma, beta = random_case(rng, (16, 5), (1,))
+  stats = init_batch_stats(5, renorm=True)._replace(renorm_mean=jnp.full(5, 0.5), renorm_std=jnp.full(5, 1.5))
+
+  def by_autodiff(x, g, b):  # the paper's forward pass, r and d held constant
+    m, v = jnp.mean(x, 0), jnp.var(x, 0)
+    sigma = jnp.sqrt(v + 1e-5)
+    r = jax.lax.stop_gradient(jnp.clip(sigma / stats.renorm_std, 1 / 2.0, 2.0))
+    d = jax.lax.stop_gradient(jnp.clip((m - stats.renorm_mean) / stats.renorm_std, -1.0, 1.0))
+    return g * ((x - m) / sigma * r + d) + b
+
+  ours = lambda x, g, b: train_step(x, g, b, stats, renorm=True, renorm_clipping=(2.0, 1.0))[0]  # noqa: E731
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+  assert_trees_close(
+    jax.grad(loss(ours), (0, 1, 2))(x, gamma, beta), jax.grad(loss(by_autodiff), (0, 1, 2))(x, gamma, beta)
+  )
+
+
+def test_batch_renorm_composes_with_a_mask_and_axis_name(rng):
+  x, gamma, beta = random_case(rng, (2, 8, 4), (2,))
+  stats = init_batch_stats(4, renorm=True)._replace(renorm_mean=jnp.full(4, 0.5), renorm_std=jnp.full(4, 1.5))
+  mask = np.ones((2, 8, 1), bool)
+  mask[1, 5:] = False
+  f = lambda x, m: train_step(x, gamma, beta, stats, renorm=True, renorm_clipping=(1.2, 0.3), mask=m)  # noqa: E731
+  y_sharded, s_sharded = jax.vmap(
+    lambda x, m: batch_norm(
+      x,
+      gamma,
+      beta,
+      stats,
+      use_running_average=False,
+      momentum=0.9,
+      renorm=True,
+      renorm_clipping=(1.2, 0.3),
+      mask=m,
+      axis_name="d",
+    ),
+    axis_name="d",
+  )(x, mask)
+  y_whole, s_whole = f(x.reshape(16, 4), mask.reshape(16, 1))
+  valid = mask.reshape(16)
+  assert_trees_close(
+    (y_sharded.reshape(16, 4)[valid], jax.tree.map(lambda a: a[0], s_sharded)), (y_whole[valid], s_whole)
+  )
+  y_ref, expected = reference_renorm(x.reshape(16, 4)[valid], gamma, beta, stats, 1.2, 0.3, renorm_momentum=0.99)
+  assert_trees_close(
+    (y_whole[valid], (s_whole.mean, s_whole.var, s_whole.renorm_mean, s_whole.renorm_std)), (y_ref, expected)
+  )
+
+
+def test_momentum_none_is_the_cumulative_average_with_a_batch_counter(rng):
+  stats = init_batch_stats(3, num_batches_tracked=True)
+  step = jax.jit(lambda x, s: batch_norm(x, None, None, s, use_running_average=False, momentum=None))
+  batches = [rng.normal(i, 1 + i, (10, 3)).astype(np.float32) for i in range(4)]
+  for x in batches:
+    _, stats = step(x, stats)
+  assert int(stats.num_batches_tracked) == 4 and stats.num_batches_tracked.dtype == jnp.int32
+  # The first batch replaces the initial values (weight 1/1), then each batch weighs 1/n.
+  assert_trees_close(
+    (stats.mean, stats.var), (np.mean([b.mean(0) for b in batches], 0), np.mean([b.var(0) for b in batches], 0))
+  )
+
+
+def test_the_counter_counts_training_updates_only(rng):
+  x = rng.standard_normal((6, 3)).astype(np.float32)
+  stats = init_batch_stats(3, num_batches_tracked=True)
+  _, stats = batch_norm(x, None, None, stats, use_running_average=False)
+  _, stats = batch_norm(x, None, None, stats, use_running_average=True)
+  _, stats = batch_norm(x, None, None, stats, use_running_average=False, update_stats=False)
+  assert int(stats.num_batches_tracked) == 1
+  _, picked = jax.jit(lambda m: batch_norm(x, None, None, stats, use_running_average=m))(jnp.array(False))
+  assert int(picked.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,pattern",
+  [
+    (dict(update_stats="no"), TypeError, r"`update_stats` is 'no' \(str\).*bool"),
+    (dict(virtual_batch_size=3), ValueError, r"batch axis 0 has 4 examples, not divisible by `virtual_batch_size` 3"),
+    (dict(virtual_batch_size=0), ValueError, r"`virtual_batch_size` is 0.*positive"),
+    (dict(virtual_batch_size=2.0), TypeError, r"`virtual_batch_size` is 2.0.*int"),
+    (dict(virtual_batch_size=2, axis_name="d"), ValueError, r"`virtual_batch_size` \(2\) and `axis_name` \('d'\)"),
+    (dict(renorm=True), ValueError, r"`renorm=True` needs `stats.renorm_mean`.*init_batch_stats\(..., renorm=True\)"),
+    (dict(renorm_clipping=(3, 5)), ValueError, r"`renorm_clipping` is set, but `renorm` is False"),
+    (dict(renorm=True, renorm_clipping=3), TypeError, r"`renorm_clipping` is 3.*pair \(r_max, d_max\)"),
+    (dict(renorm=True, renorm_clipping=(0.5, 1)), ValueError, r"r_max 0.5.*>= 1"),
+    (dict(renorm=True, renorm_clipping=(2, -1)), ValueError, r"d_max -1.0.*>= 0"),
+    (dict(renorm=True, renorm_momentum=2.0), ValueError, r"`renorm_momentum` is 2.0"),
+    (dict(momentum=None), ValueError, r"`momentum` is None.*`stats.num_batches_tracked`.*num_batches_tracked=True"),
+    (dict(track_num_batches=True), ValueError, r"`track_num_batches` is True.*`stats.num_batches_tracked`"),
+    (
+      dict(stats=init_batch_stats(3)._replace(num_batches_tracked=jnp.zeros(()))),
+      TypeError,
+      r"`stats.num_batches_tracked` has shape \(\) and dtype float32.*integer scalar",
+    ),
+    (
+      dict(stats=init_batch_stats(3)._replace(renorm_std=jnp.ones(2))),
+      ValueError,
+      r"`stats.renorm_std` has shape \(2,\)",
+    ),
+  ],
+)
+def test_bad_variant_options_raise_a_clear_error(kwargs, error, pattern):
+  args = dict(stats=init_batch_stats(3), use_running_average=False)
+  args.update(kwargs)
+  stats = args.pop("stats")
+  with pytest.raises(error, match=pattern):
+    batch_norm(np.ones((4, 3), np.float32), np.ones(3), np.zeros(3), stats, **args)
+
+
+def test_renorm_refuses_complex_input():
+  x = (np.ones((4, 3)) + 1j).astype(np.complex64)
+  with pytest.raises(TypeError, match=r"`renorm=True` needs a real input.*complex64"):
+    batch_norm(x, None, None, init_batch_stats(3, renorm=True), use_running_average=False, renorm=True)

@@ -268,3 +268,56 @@ def test_a_traced_train_flag_under_jit(rng):
 def test_a_string_mode_is_rejected():
   with pytest.raises(TypeError, match=r"`use_running_average` is 'False' \(str\)"):
     bnjax.BatchNorm(use_running_average="False").init(jax.random.key(0), jnp.ones((4, 3)))
+
+
+# --- variants (issue 11): each is one field, and the module gives the function's numbers ---------
+
+
+def test_update_stats_false_trains_with_batch_statistics_and_keeps_the_running_ones(rng):
+  x = rng.standard_normal((8, 4)).astype(np.float32) * 2 + 1
+  layer = bnjax.BatchNorm(use_running_average=False, update_stats=False)
+  variables = layer.init(jax.random.key(0), x)
+  y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  assert_trees_close(updates["batch_stats"], variables["batch_stats"])
+  assert_trees_close(y, bnjax.BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])[0])
+
+
+@pytest.mark.parametrize(
+  "fields,stat_names",
+  [
+    (dict(), {"mean", "var"}),
+    (dict(virtual_batch_size=4), {"mean", "var"}),
+    (dict(renorm=True, renorm_clipping=(2.0, 1.0), renorm_momentum=0.9), {"mean", "var", "renorm_mean", "renorm_std"}),
+    (dict(momentum=None), {"mean", "var", "num_batches_tracked"}),
+    (bnjax.pytorch_preset(), {"mean", "var", "num_batches_tracked"}),
+  ],
+)
+def test_each_variant_is_a_field_and_matches_the_function(rng, fields, stat_names):
+  x = (rng.standard_normal((8, 3, 3, 5)) * 2 + 1).astype(np.float32)
+  layer = bnjax.BatchNorm(**{"momentum": 0.9, **fields})
+  variables = layer.init(jax.random.key(0), x, use_running_average=False)
+  assert set(variables["batch_stats"]) == stat_names
+  y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  stats = bnjax.BatchStats(**variables["batch_stats"])
+  kwargs = {"momentum": 0.9, **fields}
+  y_f, new = bnjax.batch_norm(
+    x, variables["params"]["scale"], variables["params"]["bias"], stats, use_running_average=False, **kwargs
+  )
+  assert_trees_close(y, y_f)
+  assert_trees_close(updates["batch_stats"], {k: v for k, v in new._asdict().items() if v is not None})
+
+
+def test_a_renorm_clipping_schedule_is_a_traced_call_argument(rng):
+  x = (rng.standard_normal((8, 5)) * 3 + 2).astype(np.float32)
+  layer = bnjax.BatchNorm(use_running_average=False, renorm=True)
+  variables = layer.init(jax.random.key(0), x)
+  step = jax.jit(lambda v, clip: layer.apply(v, x, renorm_clipping=clip, mutable=["batch_stats"])[0])
+  for r_max in (1.0, 2.0, 3.0):
+    expected = layer.clone(renorm_clipping=(r_max, r_max)).apply(variables, x, mutable=["batch_stats"])[0]
+    assert_trees_close(step(variables, (jnp.float32(r_max), jnp.float32(r_max))), expected)
+  assert step._cache_size() == 1
+
+
+def test_flax_defaults_create_no_extra_statistics():
+  variables = bnjax.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((2, 3)))
+  assert set(variables["batch_stats"]) == {"mean", "var"}

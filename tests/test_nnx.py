@@ -198,3 +198,33 @@ def test_parameter_metadata_is_passed_through_like_flax():
   assert ours.bias.get_metadata() == theirs.bias.get_metadata()
   no_params = BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
   assert no_params.scale is None and set(nnx.state(no_params).keys()) == {"mean", "var"}
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(update_stats=False),
+    dict(virtual_batch_size=4),
+    dict(renorm=True, renorm_clipping=(2.0, 1.0)),
+    dict(momentum=None),
+    bnjax.pytorch_preset(0.1),
+  ],
+)
+def test_variants_give_the_linen_module_numbers(rng, options):
+  options = {"momentum": 0.9, **options}
+  x = (rng.standard_normal((8, 3, 3, 5)) * 2 + 1).astype(np.float32)
+  layer = BatchNorm(5, rngs=nnx.Rngs(0), **options)
+  linen = bnjax.BatchNorm(**options)
+  variables = linen.init(jax.random.key(0), x, use_running_average=False)
+  for _ in range(2):
+    y_linen, updates = linen.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    assert_trees_close(layer(x), y_linen)
+  stats = {k: v[...] for k, v in nnx.state(layer, nnx.BatchStat).items()}
+  assert_trees_close(stats, dict(variables["batch_stats"]))
+  y_eval = layer(x, use_running_average=True)
+  assert_trees_close(y_eval, linen.apply(variables, x, use_running_average=True))
+
+
+def test_default_nnx_state_has_no_extra_statistics():
+  assert set(nnx.state(BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchStat).keys()) == {"mean", "var"}

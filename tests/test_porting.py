@@ -94,7 +94,7 @@ def test_a_missing_batch_norm_key_is_named_not_a_neighbours():
     KeyError, match=r"no '1.weight' or '1.gamma' for a BatchNorm layer; keys of that module: \['1.bias'"
   ):
     porting.lenet_from_torch(sd)
-  plain = lenet_state_dict(with_bn=False)
+  plain = randomized(lenet_state_dict(with_bn=False))
   del plain["3.bias"]
   with pytest.raises(KeyError, match=r"^state_dict has no '3.bias'"):
     porting.lenet_from_torch(plain)
@@ -108,3 +108,31 @@ def test_a_data_parallel_prefix_is_recognised():
   partly = {**sd, "module.0.weight": sd["0.weight"]}
   with pytest.raises(KeyError, match=r"'module\.' prefix is removed only when every key has it"):
     porting.lenet_from_torch(partly)
+
+
+def randomized(sd):
+  rng = np.random.default_rng(0)
+  return {k: rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32 else v for k, v in sd.items()}
+
+
+def test_lenet_round_trips_through_a_torch_state_dict_counter_included():
+  sd = randomized(lenet_state_dict())
+  for name in ("1", "5", "10", "13"):
+    sd[f"{name}.num_batches_tracked"] = np.array(11 + int(name), np.int64)
+  variables = porting.lenet_from_torch(sd, num_batches_tracked=True)
+  assert variables["batch_stats"]["bn2"]["num_batches_tracked"] == 16
+  back = porting.lenet_to_torch(variables)
+  assert set(back) == set(sd)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  # Without the flag the counter is not imported, and exports as 0 (what a fresh nn.BatchNorm holds).
+  assert "num_batches_tracked" not in porting.lenet_from_torch(sd)["batch_stats"]["bn1"]
+  assert porting.lenet_to_torch(porting.lenet_from_torch(sd))["1.num_batches_tracked"] == 0
+  plain = randomized(lenet_state_dict(with_bn=False))
+  assert all(np.array_equal(v, plain[k]) for k, v in porting.lenet_to_torch(porting.lenet_from_torch(plain)).items())
+
+
+def test_a_counter_asked_for_but_missing_is_named():
+  sd = {k: v for k, v in lenet_state_dict().items() if k != "1.num_batches_tracked"}
+  with pytest.raises(KeyError, match=r"state_dict has no '1.num_batches_tracked'.*num_batches_tracked=False"):
+    porting.lenet_from_torch(sd, num_batches_tracked=True)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tolerance import assert_close_and_record
 
-from bnjax import batch_norm, init_batch_stats
+from bnjax import BatchNorm, batch_norm, init_batch_stats, pytorch_preset
 from bnjax.models import LeNet
-from bnjax.porting import lenet_from_torch
+from bnjax.porting import batch_norm_from_torch, batch_norm_to_torch, lenet_from_torch
 from bnjax.train import TrainState, summarize, train_step
 from experiments import torch_lenet as chapter
 
@@ -62,8 +62,12 @@ def test_train_steps_then_eval_match_torch_functional(seed, shape):
     assert_close_and_record("op F.batch_norm train output (axis=1)", y_a, y_t.numpy())
     assert_close_and_record("op F.batch_norm train output (NHWC)", from_nhwc(y_b), y_t.numpy())
   expected_stats = (running_mean.numpy(), running_var.numpy())
-  assert_close_and_record(f"op running stats after {K_STEPS} steps (unbiased)", tuple(stats_nchw), expected_stats)
-  assert_close_and_record(f"op running stats after {K_STEPS} steps (unbiased)", tuple(stats_nhwc), expected_stats)
+  assert_close_and_record(
+    f"op running stats after {K_STEPS} steps (unbiased)", (stats_nchw.mean, stats_nchw.var), expected_stats
+  )
+  assert_close_and_record(
+    f"op running stats after {K_STEPS} steps (unbiased)", (stats_nhwc.mean, stats_nhwc.var), expected_stats
+  )
 
   x = xs[-1]
   y_t = F.batch_norm(t(x), running_mean, running_var, t(gamma), t(beta), False, TORCH_MOMENTUM, EPS)
@@ -87,7 +91,7 @@ def test_train_steps_then_eval_match_the_chapter_batch_norm(seed, shape):
     assert_close_and_record("op chapter batch_norm train output", from_nhwc(y), y_t.numpy())
   assert_close_and_record(
     f"op chapter running stats after {K_STEPS} steps",
-    tuple(stats),
+    (stats.mean, stats.var),
     (moving_mean.numpy().reshape(-1), moving_var.numpy().reshape(-1)),
   )
   with torch.no_grad():  # the chapter's eval mode
@@ -154,7 +158,9 @@ def test_nn_batchnorm_modules_match(shape):
     )
     assert_close_and_record("op nn.BatchNorm1d/2d train output", y, y_t)
   assert_close_and_record(
-    "op nn.BatchNorm1d/2d running stats", tuple(stats), (module.running_mean.numpy(), module.running_var.numpy())
+    "op nn.BatchNorm1d/2d running stats",
+    (stats.mean, stats.var),
+    (module.running_mean.numpy(), module.running_var.numpy()),
   )
   y_t = module.eval()(t(xs[-1])).detach().numpy()
   assert_close_and_record(
@@ -225,3 +231,36 @@ def test_lenet_sgd_steps_match(variant):
       assert_close_and_record(
         f"LeNet running stats after {label} ({variant})", state.batch_stats, after["batch_stats"], kind
       )
+
+
+@pytest.mark.parametrize("torch_momentum", [0.1, 0.3, None], ids=["default", "0.3", "cumulative"])
+def test_the_pytorch_preset_is_nn_batchnorm_counter_included(torch_momentum):
+  shape = (16, 5, 6, 6)
+  xs, gamma, beta = batches(11, shape, K_STEPS + 1)
+  module = torch.nn.BatchNorm2d(shape[1], momentum=torch_momentum, eps=1e-3)
+  layer = BatchNorm(axis=1, **pytorch_preset(torch_momentum, eps=1e-3))
+  variables = layer.init(jax.random.key(0), xs[0], use_running_average=False)
+  variables = {"params": {"scale": gamma, "bias": beta}, "batch_stats": variables["batch_stats"]}
+  with torch.no_grad():
+    module.weight.copy_(t(gamma))
+    module.bias.copy_(t(beta))
+  for x in xs[:K_STEPS]:
+    y_t = module.train()(t(x)).detach().numpy()
+    y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    assert_close_and_record("preset nn.BatchNorm2d train output", y, y_t)
+  # Our state exported through bnjax.porting loads into the torch module strictly, counter included.
+  exported = batch_norm_to_torch(variables["params"], variables["batch_stats"], "bn")
+  theirs = {f"bn.{k}": v.numpy() for k, v in module.state_dict().items()}
+  assert int(exported["bn.num_batches_tracked"]) == int(theirs["bn.num_batches_tracked"]) == K_STEPS
+  assert_close_and_record("preset running stats", exported, theirs)
+  fresh = torch.nn.BatchNorm2d(shape[1], momentum=torch_momentum, eps=1e-3)
+  fresh.load_state_dict({k.removeprefix("bn."): t(v) for k, v in exported.items()}, strict=True)
+  y_eval = layer.apply(variables, xs[-1], use_running_average=True)
+  assert_close_and_record("preset nn.BatchNorm2d eval output", y_eval, fresh.eval()(t(xs[-1])).detach().numpy())
+  # And back: torch's state imports with its counter, for training on where PyTorch stopped.
+  params, stats = batch_norm_from_torch({f"bn.{k}": v for k, v in module.state_dict().items()}, "bn", True)
+  assert stats["num_batches_tracked"] == K_STEPS
+  assert_close_and_record(
+    "preset running stats", (params, stats), (variables["params"], dict(variables["batch_stats"]))
+  )
