@@ -34,12 +34,15 @@ class LeNet(nn.Module):
     unbiased_running_var: with ``norm="ours"``, update running variances as PyTorch does (for
       porting ``nn.BatchNorm2d/1d`` models exactly).
     conv_impl: how convolutions are computed, see :class:`bnjax.conv.Conv` (same parameters either way).
+    axis_name: the mapped axis over which the BN layers combine batch statistics (data-parallel
+      training, :mod:`bnjax.parallel`); None on one device.
   """
 
   norm: str = "ours"
   num_classes: int = 10
   unbiased_running_var: bool = False
   conv_impl: str = "auto"
+  axis_name: str | None = None
 
   def setup(self):
     if self.norm not in NORMS:
@@ -50,7 +53,13 @@ class LeNet(nn.Module):
   def _norm(self, x, train: bool, name: str, mask):
     if self.norm == "none":
       return x
-    kwargs = dict(use_running_average=not train, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, name=name)
+    kwargs = dict(
+      use_running_average=not train,
+      momentum=CHAPTER_MOMENTUM,
+      epsilon=CHAPTER_EPSILON,
+      axis_name=self.axis_name,
+      name=name,
+    )
     if self.norm == "ours":
       layer = BatchNorm(unbiased_running_var=self.unbiased_running_var, **kwargs)
     else:

@@ -11,6 +11,11 @@ every epoch, ``curves.png``/``curves.svg`` (the chapter's figure) and ``summary.
 Every file is written to a temporary name and renamed, so an interruption at any moment leaves the
 last complete checkpoint and never a half-written file; it loses at most the epoch in progress.
 
+More devices, more hosts: ``--devices N`` trains data-parallel on N local devices (default: all),
+with BN synchronized over the whole global batch (``--bn-group-size G``: within groups of G devices);
+``--coordinator HOST:PORT --num-processes P --process-id I`` joins P processes (``bnjax.parallel``).
+Only process 0 prints, writes metrics, plots and checkpoints; ``--timeout`` bounds every wait.
+
 Compiled programs are kept in JAX's persistent compilation cache (``--compile-cache``, default
 ``$BNJAX_COMPILE_CACHE`` or ``~/.cache/bnjax/xla``), so a second run skips compilation.
 """
@@ -103,7 +108,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="accept IDX files with fewer than 60000/10000 examples (subsets, test fixtures)",
   )
+  dist = p.add_argument_group("more devices, more hosts (bnjax.parallel)")
+  dist.add_argument("--devices", type=int, default=None, metavar="N", help="local devices to train on (default: all)")
+  dist.add_argument(
+    "--bn-group-size",
+    type=int,
+    default=None,
+    metavar="G",
+    help="synchronize BN within groups of G devices (default: all)",
+  )
+  dist.add_argument(
+    "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, for several processes"
+  )
+  dist.add_argument("--num-processes", type=int, default=1, metavar="P", help="number of processes (default 1)")
+  dist.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's index in [0, P)")
+  dist.add_argument(
+    "--timeout",
+    type=float,
+    default=120.0,
+    metavar="S",
+    help="with several processes: seconds to wait for the others to join, and for any step to finish (default 120)",
+  )
   args = p.parse_args(argv)
+  if args.devices is not None and args.devices < 1:
+    p.error(f"--devices is {args.devices}, but should be at least 1")
+  if args.bn_group_size is not None and args.bn_group_size < 1:
+    p.error(f"--bn-group-size is {args.bn_group_size}, but should be at least 1")
+  if args.num_processes < 1:
+    p.error(f"--num-processes is {args.num_processes}, but should be at least 1")
+  if args.num_processes > 1 and not args.coordinator:
+    p.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address)")
+  if args.coordinator and args.num_processes < 2:
+    p.error("--coordinator is given, but --num-processes is 1: say how many processes join")
+  if not 0 <= args.process_id < args.num_processes:
+    p.error(f"--process-id is {args.process_id}, but should lie in [0, {args.num_processes - 1}] (--num-processes)")
+  if not (math.isfinite(args.timeout) and args.timeout > 0):
+    p.error(f"--timeout is {args.timeout}, but should be a positive number of seconds")
   if args.epochs < 1:
     p.error(f"--epochs is {args.epochs}, but should be at least 1")
   if args.batch_size < 2:
@@ -319,6 +359,55 @@ class NNXRun:
     nnx.update(self.model, batch_stats)
 
 
+class ParallelRun:
+  """Data-parallel training over a device mesh (:mod:`bnjax.parallel`), one or several processes.
+
+  The state lives replicated on the mesh; what leaves this class (metrics, the state for checkpoints
+  and the summary) is host NumPy, read from this process's own copy.
+  """
+
+  def __init__(self, state, mesh, watchdog):
+    from bnjax import parallel
+
+    self.mesh, self.watchdog = mesh, watchdog
+    self.state = parallel.replicate(state, mesh)
+    self.step, self.eval_step = parallel.make_train_step(mesh), parallel.make_eval_step(mesh)
+
+  def epoch(self, images, labels, key, batch_size, on_progress):
+    import jax
+    import numpy as np
+
+    from bnjax import parallel
+
+    perm = np.asarray(jax.random.permutation(key, len(labels)))  # the same order as on one device
+
+    def on_step(n):
+      self.watchdog.beat()
+      on_progress(n)
+
+    self.state, metrics = parallel.train_epoch(
+      self.state, self.step, self.mesh, images, labels, perm, batch_size, on_step=on_step
+    )
+    return parallel.to_host(metrics)
+
+  def evaluate(self, images, labels):
+    from bnjax import parallel
+
+    metrics = parallel.to_host(parallel.evaluate(self.state, self.eval_step, self.mesh, images, labels))
+    self.watchdog.beat()
+    return metrics
+
+  def train_state(self):
+    from bnjax import parallel
+
+    return parallel.to_host(self.state)
+
+
+class NoWatchdog:
+  def beat(self):
+    pass
+
+
 def precise_stats(apply, state, images, num_batches: int, args: argparse.Namespace, shuffle_key, epoch: int):
   """Precise BN for the chapter: ``num_batches`` random training batches, weights frozen, population statistics.
 
@@ -337,8 +426,13 @@ def precise_stats(apply, state, images, num_batches: int, args: argparse.Namespa
   return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
 
 
-def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress: Progress) -> tuple[dict, list[dict]]:
-  """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history."""
+def run_variant(
+  norm: str, arrays, args: argparse.Namespace, out: Path, progress: Progress, mesh=None, watchdog=None
+) -> tuple[dict, list[dict]]:
+  """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history.
+
+  With a ``mesh``, data-parallel (:class:`ParallelRun`); only process 0 writes files.
+  """
   import jax
   import numpy as np
   from tqdm.auto import tqdm
@@ -346,13 +440,15 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
   from bnjax import models, train
 
   train_x, train_y, test_x, test_y = arrays
+  main_process = jax.process_index() == 0
   out.mkdir(parents=True, exist_ok=True)
   ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
-  if args.overwrite:  # explicit: the old run's files go before the new run writes any
+  if args.overwrite and main_process:  # explicit: the old run's files go before the new run writes any
     for name in (CHECKPOINT, METRICS, "summary.json", "curves.png", "curves.svg"):
       (out / name).unlink(missing_ok=True)
   config = run_config(args, norm)
-  model = models.LeNet(norm=norm.removesuffix("-precise"), conv_impl=args.conv_impl)
+  axis_name = None if mesh is None else "data"  # bnjax.parallel.DATA: the BN layers sync over it
+  model = models.LeNet(norm=norm.removesuffix("-precise"), conv_impl=args.conv_impl, axis_name=axis_name)
   precise = 0 if norm == "none" else args.precise_bn or (DEFAULT_PRECISE_BATCHES if norm == "ours-precise" else 0)
   init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
   state = train.create_train_state(model, init_key, args.lr)
@@ -373,7 +469,12 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
   if start_epoch >= args.epochs:
     raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
-  runner = NNXRun(state, args, norm.removesuffix("-precise")) if args.api == "nnx" else LinenRun(state, args)
+  if mesh is not None:
+    runner = ParallelRun(state, mesh, watchdog or NoWatchdog())
+  elif args.api == "nnx":
+    runner = NNXRun(state, args, norm.removesuffix("-precise"))
+  else:
+    runner = LinenRun(state, args)
 
   def precise_apply(variables, images, **kwargs):  # one function per run: its compiled program is reused
     return model.apply(variables, train.as_float_images(images), **kwargs)
@@ -418,13 +519,19 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     )
     # Metrics first, then the checkpoint (which carries the history too): an interruption between the
     # two leaves a checkpoint one epoch behind metrics.json, and resume trims the history to it.
-    atomic_write_text(
-      metrics_path, json.dumps({"bn": norm, "args": vars(args), "device": device_name(), "epochs": history}, indent=1)
-    )
-    save_checkpoint(ckpt_path, runner.train_state(), epoch + 1, history, config)
+    state_now = runner.train_state()
+    if main_process:
+      atomic_write_text(
+        metrics_path, json.dumps({"bn": norm, "args": vars(args), "device": device_name(), "epochs": history}, indent=1)
+      )
+      save_checkpoint(ckpt_path, state_now, epoch + 1, history, config)
     progress.saved[norm] = epoch + 1
+    if watchdog is not None:
+      barrier(f"checkpoint {norm} {epoch + 1}")  # nobody runs ahead of a checkpoint it may have to resume from
+      watchdog.beat()
 
-  plot_curves({norm: history}, out / "curves")
+  if main_process:
+    plot_curves({norm: history}, out / "curves")
   state = runner.train_state()
   last = history[-1]
   # Steady-state throughput: the first epoch also pays for compilation, so it is reported apart.
@@ -445,8 +552,19 @@ def run_variant(norm: str, arrays, args: argparse.Namespace, out: Path, progress
     print(f"gamma (bn1 scale): {np.array2string(gamma, precision=4)}")
     print(f"beta  (bn1 bias):  {np.array2string(beta, precision=4)}")
     summary.update(gamma=gamma.tolist(), beta=beta.tolist())
-  atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+  if main_process:
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
   return summary, history
+
+
+def barrier(name: str) -> None:
+  """All processes meet here (a no-op with one process)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def comparison_table(summaries: list[dict]) -> str:
@@ -493,6 +611,7 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
 
   if not args.no_compile_cache:
     enable_compile_cache(args.compile_cache)
+  mesh = setup_devices(args, norms)
   import jax.numpy as jnp
 
   from bnjax import data
@@ -506,18 +625,80 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
     f"Fashion-MNIST from {dataset.source}: {len(dataset.train_labels)} train, {len(dataset.test_labels)} test; "
     f"device {device_name()}"
   )
-  arrays = tuple(jnp.asarray(a) for a in dataset[:4])
+  if mesh is None:
+    arrays = tuple(jnp.asarray(a) for a in dataset[:4])
+  else:  # host arrays: every process gathers only its own rows of each global batch
+    arrays = tuple(dataset[:4])
+    print(
+      f"data parallel: {mesh.size} devices ({mesh.shape['group']} BN group(s) of {mesh.shape['data']}), "
+      f"{args.num_processes} process(es); global batch {args.batch_size}"
+    )
   summaries, histories = [], {}
-  for norm in norms:
-    summary, histories[norm] = run_variant(norm, arrays, args, out / norm, progress)
-    summaries.append(summary)
-  if len(summaries) > 1:
-    table = comparison_table(summaries)
-    print(table)
-    atomic_write_text(out / "comparison.md", table + "\n")
-    plot_curves(histories, out / "comparison")
+  with make_watchdog(args) as watchdog:
+    for norm in norms:
+      summary, histories[norm] = run_variant(norm, arrays, args, out / norm, progress, mesh, watchdog)
+      summaries.append(summary)
+    if len(summaries) > 1:
+      table = comparison_table(summaries)
+      print(table)
+      if not args.process_id:
+        atomic_write_text(out / "comparison.md", table + "\n")
+        plot_curves(histories, out / "comparison")
+    barrier("done")
   print(f"wrote {out.resolve()}")
   return summaries
+
+
+def setup_devices(args: argparse.Namespace, norms: list[str]):
+  """Joins the other processes and builds the mesh; None for the one-device path. Errors before any work."""
+  if args.num_processes > 1:
+    from bnjax import parallel
+
+    try:
+      parallel.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.timeout)
+    except parallel.DistributedError as e:
+      raise RunError(str(e)) from None
+    if args.process_id:  # only process 0 speaks (the C++ collectives' notes too); errors still go to stderr
+      sys.stdout.flush()
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  import jax
+
+  devices = args.devices if args.devices is not None else jax.local_device_count()
+  if args.num_processes == 1 and devices == 1 and args.bn_group_size is None:
+    return None
+  from bnjax import parallel
+
+  if args.api == "nnx":
+    raise RunError("--api nnx trains on one device; data-parallel training (--devices, several processes) is linen's.")
+  precise = [n for n in norms if n == "ours-precise"] or (["--precise-bn"] if args.precise_bn else [])
+  if precise:
+    raise RunError(f"precise BN ({precise[0]}) runs on one device; leave it out with --devices/several processes.")
+  try:
+    mesh = parallel.make_mesh(devices, args.bn_group_size)
+    parallel.check_batch_size(mesh, args.batch_size)
+  except ValueError as e:
+    raise RunError(str(e)) from None
+  return mesh
+
+
+class make_watchdog:  # noqa: N801 (used as a context manager, like a function)
+  """The watchdog of :mod:`bnjax.parallel` with several processes (one process cannot wait for another)."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args, self.dog = args, None
+
+  def __enter__(self):
+    if self.args.num_processes < 2:
+      return None
+    from bnjax import parallel
+
+    timeout = self.args.timeout
+    self.dog = parallel.Watchdog(timeout, lambda: parallel.stalled_message(timeout, "waiting for a step or checkpoint"))
+    return self.dog.__enter__()
+
+  def __exit__(self, *exc):
+    if self.dog is not None:
+      self.dog.__exit__(*exc)
 
 
 def main(argv=None) -> list[dict]:
@@ -527,6 +708,14 @@ def main(argv=None) -> list[dict]:
     return run(args, progress)
   except RunError as e:
     raise SystemExit(f"error: {e}") from None
+  except RuntimeError as e:
+    if args.num_processes < 2 or "Xla" not in type(e).__name__ and "Jax" not in type(e).__name__:
+      raise
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise SystemExit(
+      f"error: process {args.process_id} of {args.num_processes}: a collective operation failed ({first}); "
+      "another process has probably died. The last checkpoint is kept: rerun every process with --resume."
+    ) from None
   except OSError as e:  # disk full, permissions changed mid-run: name the file, no traceback
     where = f" ({e.filename})" if e.filename else ""
     raise SystemExit(f"error: cannot write the run's files{where}: {e.strerror or e}") from None

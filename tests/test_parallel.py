@@ -1,0 +1,282 @@
+"""Data-parallel training gives the one-device numbers: 4 host devices in this process, and 2 processes x 2
+devices on 127.0.0.1 (subprocesses, a free port, bounded by timeouts); faults end in one clear line."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_fmnist_dir
+from tolerance import assert_close_and_record
+
+from bnjax import parallel, train
+from bnjax.models import LeNet
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH = 5, 64
+
+
+def batches(seed=0, n=STEPS * BATCH):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, n).astype(np.int32)
+
+
+def one_device_run(images, labels, masks):
+  state = train.create_train_state(LeNet("ours"), jax.random.key(0), 1.0)
+  losses = []
+  for i, mask in enumerate(masks):
+    sl = slice(i * BATCH, (i + 1) * BATCH)
+    x, y, m = jnp.asarray(images[sl]), jnp.asarray(labels[sl]), jnp.asarray(mask)
+    state, metrics = train.train_step(state, x[m], y[m]) if mask.all() else train.train_step(state, x, y, m)
+    losses.append(train.summarize(metrics)["loss"])
+  return state, losses
+
+
+def mesh_run(mesh, images, labels, masks):
+  state = parallel.replicate(train.create_train_state(LeNet("ours", axis_name="data"), jax.random.key(0), 1.0), mesh)
+  step, losses = parallel.make_train_step(mesh), []
+  for i, mask in enumerate(masks):
+    idx = np.arange(i * BATCH, (i + 1) * BATCH)
+    state, metrics = step(state, *parallel.shard_batch(mesh, images, labels, idx, mask))
+    losses.append(train.summarize(parallel.to_host(metrics))["loss"])
+  return parallel.to_host(state), losses, step
+
+
+def masks_with_a_padded_last_batch():
+  # The last batch has 37 real examples: the 4 shards of 16 hold 16, 16, 5 and 0 of them.
+  return [np.ones(BATCH, bool)] * (STEPS - 1) + [np.arange(BATCH) < 37]
+
+
+@pytest.mark.parametrize("devices", [4, 2])
+def test_n_devices_give_the_one_device_numbers(devices):
+  images, labels = batches()
+  masks = masks_with_a_padded_last_batch()
+  ref, ref_losses = one_device_run(images, labels, masks)
+  state, losses, _ = mesh_run(parallel.make_mesh(devices), images, labels, masks)
+  check = f"parallel: {devices} devices vs 1, {STEPS} steps"
+  assert_close_and_record(
+    check, (losses, state.params, state.batch_stats), (ref_losses, ref.params, ref.batch_stats), "trajectory"
+  )
+  assert int(state.step) == STEPS
+
+
+def test_one_all_reduce_per_bn_layer_in_the_forward_pass():
+  images, labels = batches()
+  mesh = parallel.make_mesh(4)
+  *_, step = mesh_run(mesh, images, labels, [np.ones(BATCH, bool)])
+  state = parallel.replicate(train.create_train_state(LeNet("ours", axis_name="data"), jax.random.key(0), 1.0), mesh)
+  args = (state, *parallel.shard_batch(mesh, images, labels, np.arange(BATCH), np.ones(BATCH, bool)))
+  text = step.lower(*args).compile().as_text()
+  gathers = [line for line in text.splitlines() if " all-reduce(" in line and "f32[4,3," in line]
+  assert len(gathers) == 4  # bn1..bn4: each shard's (count, mean, M2) in one collective
+  assert parallel.count_all_reduces(step, *args) <= 11  # + backward BN, gradients, metrics (see README)
+
+
+def test_bn_groups_normalize_each_group_by_its_own_statistics():
+  images, labels = batches()
+  mesh = parallel.make_mesh(4, bn_group_size=2)
+  state, losses, _ = mesh_run(mesh, images[:BATCH], labels[:BATCH], [np.ones(BATCH, bool)])
+  # Reference on one device: each half of the batch through its own BN statistics, one SGD step on the
+  # mean loss over both halves, running statistics averaged over the halves.
+  ref = train.create_train_state(LeNet("ours"), jax.random.key(0), 1.0)
+  halves = jnp.asarray(train.as_float_images(images[:BATCH])).reshape(2, BATCH // 2, 28, 28, 1)
+  ys = jnp.asarray(labels[:BATCH]).reshape(2, BATCH // 2)
+
+  def loss(params):
+    def half(x, y):
+      logits, upd = ref.apply_fn(
+        {"params": params, "batch_stats": ref.batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
+      return train.cross_entropy(logits, y, None)[1], upd["batch_stats"]
+
+    sums, stats = jax.vmap(half)(halves, ys)
+    return jnp.sum(sums) / BATCH, jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+
+  (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(ref.params)
+  ref = ref.apply_gradients(grads=grads, batch_stats=stats)
+  assert_close_and_record(
+    "parallel: BN groups of 2 vs per-half reference",
+    (losses[0], state.params, state.batch_stats),
+    (value, ref.params, ref.batch_stats),
+    "trajectory",
+  )
+
+
+def test_errors_before_any_work():
+  with pytest.raises(ValueError, match=r"--batch-size 66 \(the global batch\) is not divisible by the 4 devices"):
+    parallel.check_batch_size(parallel.make_mesh(4), 66)
+  with pytest.raises(ValueError, match=r"bn_group_size is 3, but it should divide the number of devices, 4"):
+    parallel.make_mesh(4, 3)
+  with pytest.raises(ValueError, match=r"--devices is 9, but this process has 4 local devices"):
+    parallel.make_mesh(9)
+
+
+# --- the CLI: one process with several devices, two processes ------------------------------------
+
+
+def cli(data_dir, out, *extra):
+  return [
+    "--data-dir",
+    str(data_dir),
+    "--out",
+    str(out),
+    "--allow-partial-data",
+    "--batch-size",
+    str(BATCH),
+    "--no-progress",
+    "--no-compile-cache",
+    *extra,
+  ]
+
+
+@pytest.fixture
+def five_step_data(tmp_path):
+  return make_fmnist_dir(tmp_path / "fmnist", n_train=STEPS * BATCH, n_test=100)
+
+
+def checkpoint(run_dir):
+  raw = flax.serialization.msgpack_restore((Path(run_dir) / "ours" / "checkpoint.msgpack").read_bytes())
+  return raw["state"], json.loads(raw["history"])
+
+
+def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path, capsys):
+  from experiments import lenet_fmnist
+
+  lenet_fmnist.main(cli(five_step_data, tmp_path / "one", "--epochs", "1", "--devices", "1"))
+  lenet_fmnist.main(cli(five_step_data, tmp_path / "four", "--epochs", "1", "--devices", "4"))
+  assert "data parallel: 4 devices (1 BN group(s) of 4), 1 process(es)" in capsys.readouterr().out
+  (one, h1), (four, h4) = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "four")
+  assert_close_and_record("parallel: CLI 4 devices vs 1, 1 epoch", four, one, "trajectory")
+  assert_close_and_record(
+    "parallel: CLI 4 devices vs 1, 1 epoch",
+    [h4[0]["train_loss"], h4[0]["test_acc"]],
+    [h1[0]["train_loss"], h1[0]["test_acc"]],
+    "trajectory",
+  )
+
+
+@pytest.mark.parametrize(
+  "extra,message",
+  [
+    (
+      ["--devices", "4", "--batch-size", "66"],
+      r"error: --batch-size 66 \(the global batch\) is not divisible by the 4 devices",
+    ),
+    (["--devices", "4", "--api", "nnx"], r"error: --api nnx trains on one device"),
+    (["--devices", "2", "--bn", "ours-precise"], r"error: precise BN \(ours-precise\) runs on one device"),
+  ],
+)
+def test_cli_refuses_what_it_cannot_do_before_any_work(five_step_data, tmp_path, extra, message):
+  from experiments import lenet_fmnist
+
+  with pytest.raises(SystemExit, match=message):
+    lenet_fmnist.main(cli(five_step_data, tmp_path / "o", *extra))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(data_dir, out, num_processes, *extra, ids=None):
+  """Starts the CLI as `num_processes` processes with 2 host devices each; returns the Popen objects."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  coordinator = f"127.0.0.1:{free_port()}"
+  procs = []
+  for i in ids if ids is not None else range(num_processes):
+    cmd = [
+      sys.executable,
+      "-m",
+      "experiments.lenet_fmnist",
+      *cli(data_dir, out, *extra),
+      "--coordinator",
+      coordinator,
+      "--num-processes",
+      str(num_processes),
+      "--process-id",
+      str(i),
+    ]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def finish(procs, timeout):
+  results = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"a process did not finish within {timeout} s")
+    results.append((p.returncode, out, err))
+  return results
+
+
+def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
+  from experiments import lenet_fmnist
+
+  lenet_fmnist.main(cli(five_step_data, tmp_path / "one", "--epochs", "2", "--devices", "1"))
+  results = finish(launch(five_step_data, tmp_path / "two", 2, "--epochs", "1", "--timeout", "60"), timeout=240)
+  for code, _out, err in results:
+    assert code == 0, err[-2000:]
+  assert "data parallel: 4 devices (1 BN group(s) of 4), 2 process(es)" in results[0][1]
+  assert "test acc" in results[0][1] and results[1][1] == ""  # only process 0 prints
+  one_epoch_1 = flax.serialization.msgpack_restore((tmp_path / "one" / "ours" / "checkpoint.msgpack").read_bytes())
+  # Epoch 1 of the 2-process run against the one-device run's epoch 1 (its history), then resume to epoch 2.
+  two, h2 = checkpoint(tmp_path / "two")
+  _, h1 = checkpoint(tmp_path / "one")
+  assert_close_and_record(
+    "parallel: 2 processes x 2 devices vs 1 device", h2[0]["train_loss"], h1[0]["train_loss"], "trajectory"
+  )
+  results = finish(
+    launch(five_step_data, tmp_path / "two", 2, "--epochs", "2", "--resume", "--timeout", "60"), timeout=240
+  )
+  for code, _out, err in results:
+    assert code == 0, err[-2000:]
+  assert "resumed from" in results[0][1]
+  two, h2 = checkpoint(tmp_path / "two")
+  assert_close_and_record("parallel: 2 processes x 2 devices vs 1 device", two, one_epoch_1["state"], "trajectory")
+  assert [h["epoch"] for h in h2] == [1, 2]
+
+
+def test_a_process_that_never_arrives_ends_the_others_in_bounded_time(five_step_data, tmp_path):
+  t0 = time.monotonic()
+  ((code, out, err),) = finish(launch(five_step_data, tmp_path / "o", 2, "--timeout", "5", ids=[0]), timeout=120)
+  assert code != 0 and time.monotonic() - t0 < 90
+  last = err.strip().splitlines()[-1]
+  assert re.match(r"error: process 0 of 2 could not join the coordinator at 127\.0\.0\.1:\d+ within 5 s", last), err[
+    -1500:
+  ]
+  assert "Traceback" not in err
+
+
+def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp_path):
+  procs = launch(five_step_data, tmp_path / "o", 2, "--epochs", "200", "--timeout", "20")
+  try:
+    deadline = time.monotonic() + 180
+    seen = ""
+    while "epoch  1/200" not in seen:  # process 0 has finished a whole epoch with its peer
+      assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+      seen += procs[0].stdout.readline()
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode not in (0, None) and time.monotonic() - killed < 90
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert errors and ("no progress for 20 s" in errors[-1] or "a collective operation failed" in errors[-1]), err[-2000:]
+  assert "Traceback" not in err
