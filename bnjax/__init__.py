@@ -10,8 +10,9 @@ Public API:
   fold_batch_norm   an eval-mode BN folded into the preceding conv/dense kernel and bias.
 
 Submodules (imported on demand): bnjax.nnx (BatchNorm for Flax NNX), bnjax.data
-(Fashion-MNIST), bnjax.models (LeNet), bnjax.train (jitted training), bnjax.porting
-(PyTorch weights).
+(Fashion-MNIST), bnjax.models (LeNet, fold_lenet), bnjax.train (jitted training),
+bnjax.parallel (data-parallel training on a device mesh, several processes), bnjax.porting
+(PyTorch weights, both ways).
 """
 
 from bnjax.folding import fold_batch_norm

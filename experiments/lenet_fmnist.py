@@ -663,16 +663,26 @@ def setup_devices(args: argparse.Namespace, norms: list[str]):
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   import jax
 
-  devices = args.devices if args.devices is not None else jax.local_device_count()
+  one_device_only = None
+  if args.api == "nnx":
+    one_device_only = (
+      "--api nnx trains on one device; data-parallel training (--devices, several processes) is linen's."
+    )
+  elif "ours-precise" in norms or args.precise_bn:
+    what = "ours-precise" if "ours-precise" in norms else "--precise-bn"
+    one_device_only = f"precise BN ({what}) runs on one device; leave it out with --devices/several processes."
+  devices = args.devices
+  if devices is None:  # default: all local devices, or one for what runs on one device only
+    devices = jax.local_device_count()
+    if one_device_only and devices > 1 and args.num_processes == 1 and args.bn_group_size is None:
+      print(f"note: {one_device_only.split(';')[0]}: using 1 of {devices} devices", file=sys.stderr)
+      devices = 1
   if args.num_processes == 1 and devices == 1 and args.bn_group_size is None:
     return None
   from bnjax import parallel
 
-  if args.api == "nnx":
-    raise RunError("--api nnx trains on one device; data-parallel training (--devices, several processes) is linen's.")
-  precise = [n for n in norms if n == "ours-precise"] or (["--precise-bn"] if args.precise_bn else [])
-  if precise:
-    raise RunError(f"precise BN ({precise[0]}) runs on one device; leave it out with --devices/several processes.")
+  if one_device_only:
+    raise RunError(one_device_only)
   try:
     mesh = parallel.make_mesh(devices, args.bn_group_size)
     parallel.check_batch_size(mesh, args.batch_size)

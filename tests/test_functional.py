@@ -779,3 +779,33 @@ def test_renorm_refuses_complex_input():
   x = (np.ones((4, 3)) + 1j).astype(np.complex64)
   with pytest.raises(TypeError, match=r"`renorm=True` needs a real input.*complex64"):
     batch_norm(x, None, None, init_batch_stats(3, renorm=True), use_running_average=False, renorm=True)
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(update_stats=False),
+    dict(renorm=True, renorm_clipping=(1.5, 0.5)),
+    dict(momentum=None, track_num_batches=True),
+    dict(renorm=True, renorm_clipping=(2.0, 1.0), momentum=None, unbiased_running_var=True),
+  ],
+  ids=["frozen", "renorm", "cumulative", "renorm+cumulative+unbiased"],
+)
+def test_variants_under_jit_vmap_axis_name_and_mask_equal_the_whole_batch(rng, options):
+  x, gamma, beta = random_case(rng, (4, 6, 3), (2,))
+  mask = rng.random((4, 6, 1)) > 0.3
+  stats = init_batch_stats(3, num_batches_tracked=True, renorm=True)._replace(
+    renorm_mean=jnp.full(3, 0.4), renorm_std=jnp.full(3, 1.3)
+  )
+  call = functools.partial(batch_norm, scale=gamma, bias=beta, stats=stats, use_running_average=False, **options)
+  sharded = jax.jit(jax.vmap(lambda x, m: call(x, mask=m, axis_name="d"), axis_name="d"))(x, mask)
+  whole = call(x.reshape(24, 3), mask=mask.reshape(24, 1))
+  valid = mask.reshape(24)
+  assert_trees_close(sharded[0].reshape(24, 3)[valid], whole[0][valid])
+  assert_trees_close(jax.tree.map(lambda a: a[0], sharded[1]), whole[1])
+  loss = lambda f: lambda x: jnp.sum(jnp.where(mask, jnp.sin(f(x)), 0.0))  # noqa: E731
+  g_sharded = jax.grad(
+    loss(lambda x: jax.vmap(lambda x, m: call(x, mask=m, axis_name="d")[0], axis_name="d")(x, mask))
+  )(x)
+  g_whole = jax.grad(loss(lambda x: call(x.reshape(24, 3), mask=mask.reshape(24, 1))[0].reshape(4, 6, 3)))(x)
+  assert_trees_close(g_sharded, g_whole)

@@ -22,6 +22,8 @@ def cli(fmnist_dir, out, *extra):
     "64",
     "--no-progress",
     "--no-compile-cache",
+    "--devices",  # the one-device path (conftest gives this process 4 host devices; see test_parallel.py)
+    "1",
     *extra,
   ]
 
