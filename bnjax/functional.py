@@ -491,6 +491,25 @@ def _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, re
         )
 
 
+# The variant options of batch_norm, which the linen and NNX modules keep as fields of the same names.
+VARIANT_OPTIONS = (
+  "update_stats",
+  "virtual_batch_size",
+  "renorm",
+  "renorm_clipping",
+  "renorm_momentum",
+  "track_num_batches",
+)
+
+
+def variant_options(module: Any, renorm_clipping: Any = None) -> dict[str, Any]:
+  """A module's variant fields as :func:`batch_norm` keywords; a call's ``renorm_clipping`` overrides the field."""
+  options = {name: getattr(module, name) for name in VARIANT_OPTIONS}
+  if renorm_clipping is not None:
+    options["renorm_clipping"] = renorm_clipping
+  return options
+
+
 def _where_stats(cond: jax.Array, new: BatchStats, old: BatchStats) -> BatchStats:
   """Field by field ``where(cond, new, old)`` (absent fields stay None), in the new statistics' dtypes."""
   return BatchStats(*(n if n is None else jnp.where(cond, n, o.astype(n.dtype)) for n, o in zip(new, old, strict=True)))

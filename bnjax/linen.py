@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers, module
 from flax.linen.module import Module, compact
 
-from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, stats_dtypes
+from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, stats_dtypes, variant_options
 
 Initializer = Any
 
@@ -170,12 +170,7 @@ class BatchNorm(Module):
         unbiased_running_var=self.unbiased_running_var,
         force_float32_reductions=self.force_float32_reductions,
         dtype=out_dtype,
-        update_stats=self.update_stats,
-        virtual_batch_size=self.virtual_batch_size,
-        renorm=self.renorm,
-        renorm_clipping=self.renorm_clipping if renorm_clipping is None else renorm_clipping,
-        renorm_momentum=self.renorm_momentum,
-        track_num_batches=self.track_num_batches,
+        **variant_options(self, renorm_clipping),
       )
     if mode is not True and not initializing and self.update_stats:
       for variable, value in zip((ra_mean, ra_var, counter, renorm_mean, renorm_std), new_stats, strict=True):

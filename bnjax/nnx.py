@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode
+from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, variant_options
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
 _NO_MODE = (
@@ -180,12 +180,7 @@ class BatchNorm(nnx.Module):
       use_fast_variance=self.use_fast_variance,
       unbiased_running_var=self.unbiased_running_var,
       force_float32_reductions=self.force_float32_reductions,
-      update_stats=self.update_stats,
-      virtual_batch_size=self.virtual_batch_size,
-      renorm=self.renorm,
-      renorm_clipping=self.renorm_clipping if renorm_clipping is None else renorm_clipping,
-      renorm_momentum=self.renorm_momentum,
-      track_num_batches=self.track_num_batches,
+      **variant_options(self, renorm_clipping),
     )
     if mode is not True and self.update_stats:
       for name, value in zip(BatchStats._fields, new_stats, strict=True):
