@@ -96,7 +96,11 @@ def make_mesh(devices_per_process: int | None = None, bn_group_size: int | None 
   local = jax.local_device_count()
   n = local if devices_per_process is None else devices_per_process
   if not 1 <= n <= local:
-    raise ValueError(f"--devices is {n}, but this process has {local} local devices ({jax.devices()[0].platform}).")
+    platform = jax.local_devices()[0].platform
+    hint = ""
+    if platform == "cpu":
+      hint = f"; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={max(n, 2)} gives that many host devices"
+    raise ValueError(f"--devices is {n}, but this process has {local} local {platform} device(s){hint}.")
   by_process: dict[int, list] = {}
   for d in jax.devices():
     by_process.setdefault(d.process_index, []).append(d)
