@@ -36,3 +36,18 @@ def test_without_torch_the_torch_rows_are_skipped_with_a_note(monkeypatch, capsy
   result = bench.main(["--quick", "--steps", "2", "--no-ops"])
   assert len(result["model"]) == 3 and all(r["ratio_to_torch_nn_bn"] is None for r in result["model"])
   assert "torch is not installed, so the PyTorch rows are skipped" in capsys.readouterr().out
+
+
+def test_the_data_parallel_benchmark_reports_every_device_count(capsys):
+  from experiments import bench_parallel
+
+  result = bench_parallel.main(["--steps", "2", "--repeats", "1", "--batch-size", "16"])
+  names = [r["name"] for r in result["rows"]]
+  assert names == [
+    "1 device, bnjax.train step",
+    "1 device(s), bnjax.parallel step",
+    "2 device(s), bnjax.parallel step",
+    "4 device(s), bnjax.parallel step",
+  ]
+  assert all(r["steps_per_sec"] > 0 and r["max_diff"] < 1e-3 for r in result["rows"])
+  assert result["rows"][-1]["all_reduces"] >= 4 and "all-reduces" in capsys.readouterr().out

@@ -117,7 +117,11 @@ def test_errors_before_any_work():
     parallel.check_batch_size(parallel.make_mesh(4), 66)
   with pytest.raises(ValueError, match=r"bn_group_size is 3, but it should divide the number of devices, 4"):
     parallel.make_mesh(4, 3)
-  with pytest.raises(ValueError, match=r"--devices is 9, but this process has 4 local cpu device\(s\); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=9"):
+  with pytest.raises(
+    ValueError,
+    match=r"--devices is 9, but this process has 4 local cpu device\(s\); on CPU, XLA_FLAGS=--xla_force_host_pl"
+    r"atform_device_count=9",
+  ):
     parallel.make_mesh(9)
 
 
