@@ -66,9 +66,8 @@ def init_batch_stats(
   ``num_batches_tracked=True`` adds PyTorch's batch counter (needed by ``momentum=None``);
   ``renorm=True`` adds batch renormalization's moving mean 0 and standard deviation 1.
 
-  >>> init_batch_stats(3)
-  BatchStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), \
-num_batches_tracked=None, renorm_mean=None, renorm_std=None)
+  >>> init_batch_stats(3).var
+  Array([1., 1., 1.], dtype=float32)
   """
   shape = (feature_shape,) if isinstance(feature_shape, numbers.Integral) else tuple(feature_shape)
   return BatchStats(
@@ -684,8 +683,8 @@ def batch_norm(
 
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
   # Ghost BN: the batch axis becomes (groups, virtual_batch_size) and the group axis a feature axis, so
-  # every group gets its own statistics from the same code path. `to_groups` repeats a per-feature array
-  # over the groups (its transpose, in the gradient, sums over them).
+  # every group gets its own statistics from the same code path. `to_work_features` repeats a per-feature
+  # array over the groups (its transpose, in the gradient, sums over them).
   shape, work_axes, group_pos = x.shape, feature_axes, None
   if virtual_batch_size is not None:
     b = batch_axis

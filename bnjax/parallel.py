@@ -152,9 +152,8 @@ def shard_batch(mesh: Mesh, images: np.ndarray, labels: np.ndarray, idx: np.ndar
 
 
 def _metrics(logits, labels, loss_sum, mask) -> train.Metrics:
-  hits = (jnp.argmax(logits, -1) == labels) & mask
-  local = {"loss_sum": loss_sum, "correct": jnp.sum(hits).astype(jnp.int32), "count": jnp.sum(mask).astype(jnp.int32)}
-  return jax.lax.psum(local, (GROUP, DATA))
+  """The one-device metrics of this shard, summed over every device."""
+  return jax.lax.psum(train._batch_metrics(logits, labels, loss_sum, mask), (GROUP, DATA))
 
 
 def make_train_step(mesh: Mesh) -> Callable:
@@ -272,10 +271,9 @@ def train_epoch(
   check_batch_size(mesh, batch_size)
   metrics = None
   for start, size in train.epoch_plan(len(perm), batch_size):
-    pos = start + np.arange(batch_size)
-    idx, mask = perm[pos % len(perm)], np.arange(batch_size) < size
+    idx, mask = (np.asarray(a) for a in train.batch_indices(perm, start, batch_size, size))
     state, m = step(state, *shard_batch(mesh, images, labels, idx, mask))
-    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+    metrics = m if metrics is None else train._add(metrics, m)
     if on_step is not None:
       jax.block_until_ready(m)  # progress (and the watchdog) count finished steps, not dispatched ones
       on_step(1)
@@ -290,7 +288,7 @@ def evaluate(state, eval_step: Callable, mesh: Mesh, images: np.ndarray, labels:
     pos = start + np.arange(batch_size)
     idx, mask = np.minimum(pos, len(labels) - 1), pos < len(labels)
     m = eval_step(state, *shard_batch(mesh, images, labels, idx, mask))
-    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+    metrics = m if metrics is None else train._add(metrics, m)
   return metrics
 
 

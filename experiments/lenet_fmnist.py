@@ -23,6 +23,7 @@ Compiled programs are kept in JAX's persistent compilation cache (``--compile-ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -366,7 +367,7 @@ class ParallelRun:
   and the summary) is host NumPy, read from this process's own copy.
   """
 
-  def __init__(self, state, mesh, watchdog):
+  def __init__(self, state, mesh, watchdog=None):
     from bnjax import parallel
 
     self.mesh, self.watchdog = mesh, watchdog
@@ -382,7 +383,7 @@ class ParallelRun:
     perm = np.asarray(jax.random.permutation(key, len(labels)))  # the same order as on one device
 
     def on_step(n):
-      self.watchdog.beat()
+      self.beat()
       on_progress(n)
 
     self.state, metrics = parallel.train_epoch(
@@ -394,18 +395,17 @@ class ParallelRun:
     from bnjax import parallel
 
     metrics = parallel.to_host(parallel.evaluate(self.state, self.eval_step, self.mesh, images, labels))
-    self.watchdog.beat()
+    self.beat()
     return metrics
+
+  def beat(self):
+    if self.watchdog is not None:  # several processes: tell the watchdog a step finished
+      self.watchdog.beat()
 
   def train_state(self):
     from bnjax import parallel
 
     return parallel.to_host(self.state)
-
-
-class NoWatchdog:
-  def beat(self):
-    pass
 
 
 def precise_stats(apply, state, images, num_batches: int, args: argparse.Namespace, shuffle_key, epoch: int):
@@ -470,7 +470,7 @@ def run_variant(
     raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
 
   if mesh is not None:
-    runner = ParallelRun(state, mesh, watchdog or NoWatchdog())
+    runner = ParallelRun(state, mesh, watchdog)
   elif args.api == "nnx":
     runner = NNXRun(state, args, norm.removesuffix("-precise"))
   else:
@@ -691,24 +691,15 @@ def setup_devices(args: argparse.Namespace, norms: list[str]):
   return mesh
 
 
-class make_watchdog:  # noqa: N801 (used as a context manager, like a function)
-  """The watchdog of :mod:`bnjax.parallel` with several processes (one process cannot wait for another)."""
+def make_watchdog(args: argparse.Namespace):
+  """:class:`bnjax.parallel.Watchdog` with several processes (one process cannot wait for another), else a no-op."""
+  if args.num_processes < 2:
+    return contextlib.nullcontext()
+  from bnjax import parallel
 
-  def __init__(self, args: argparse.Namespace):
-    self.args, self.dog = args, None
-
-  def __enter__(self):
-    if self.args.num_processes < 2:
-      return None
-    from bnjax import parallel
-
-    timeout = self.args.timeout
-    self.dog = parallel.Watchdog(timeout, lambda: parallel.stalled_message(timeout, "waiting for a step or checkpoint"))
-    return self.dog.__enter__()
-
-  def __exit__(self, *exc):
-    if self.dog is not None:
-      self.dog.__exit__(*exc)
+  return parallel.Watchdog(
+    args.timeout, lambda: parallel.stalled_message(args.timeout, "waiting for a step or checkpoint")
+  )
 
 
 def main(argv=None) -> list[dict]:
