@@ -752,7 +752,8 @@ def batch_norm(
     n = stats.num_batches_tracked
     if momentum is None:  # PyTorch's cumulative average: the (n+1)-th batch gets weight 1 / (n+1)
       momentum = n.astype(real_dtype(mean.dtype)) / (n + 1).astype(real_dtype(mean.dtype))
-    new_stats = BatchStats(
+    # From `stats`, so optional fields that no option of this call updates come back as they went in.
+    new_stats = stats._replace(
       mean=ema(stats.mean, mean, momentum),
       var=ema(stats.var, running_var, momentum),
       num_batches_tracked=None if n is None else n + 1,

@@ -809,3 +809,12 @@ def test_variants_under_jit_vmap_axis_name_and_mask_equal_the_whole_batch(rng, o
   )(x)
   g_whole = jax.grad(loss(lambda x: call(x.reshape(24, 3), mask=mask.reshape(24, 1))[0].reshape(4, 6, 3)))(x)
   assert_trees_close(g_sharded, g_whole)
+
+
+def test_optional_statistics_no_option_uses_come_back_unchanged(rng):
+  x = rng.standard_normal((8, 3)).astype(np.float32)
+  stats = init_batch_stats(3, renorm=True)._replace(renorm_mean=jnp.full(3, 0.5))
+  _, new = batch_norm(x, None, None, stats, use_running_average=False)  # renorm off in this call
+  assert_trees_close((new.renorm_mean, new.renorm_std), (stats.renorm_mean, stats.renorm_std))
+  _, picked = jax.jit(lambda m: batch_norm(x, None, None, stats, use_running_average=m))(jnp.array(False))
+  assert jax.tree.structure(picked) == jax.tree.structure(stats)
