@@ -65,11 +65,11 @@ class StateDictError(KeyError):
     return str(self.args[0])
 
 
-def to_numpy(value: Any) -> np.ndarray:
-  """A tensor or array as a float32 NumPy copy, without importing torch."""
+def to_numpy(value: Any, dtype: Any = np.float32) -> np.ndarray:
+  """A tensor or array as a NumPy copy (float32 unless ``dtype`` says otherwise; None keeps it), without torch."""
   if hasattr(value, "detach"):
     value = value.detach().cpu().numpy()
-  return np.array(value, np.float32)  # a writable copy: torch.from_numpy warns on read-only arrays
+  return np.array(value, dtype)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def _get(state_dict: Mapping[str, Any], key: str, shape_hint: str) -> np.ndarray:
@@ -141,8 +141,7 @@ def batch_norm_from_torch(
         f"state_dict has no {key!r}, but num_batches_tracked=True asks for PyTorch's batch counter "
         "(the chapter's scratch BatchNorm has none: pass num_batches_tracked=False)."
       )
-    value = state_dict[key]
-    value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    value = to_numpy(state_dict[key], dtype=None)
     if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
       raise ValueError(f"`{key}` has shape {value.shape} and dtype {value.dtype}, but should be an integer count.")
     stats["num_batches_tracked"] = np.asarray(value.reshape(()), np.int32)
