@@ -12,6 +12,8 @@ batch statistics, so this is for inference only.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,8 +41,12 @@ def fold_batch_norm(
 
   Raises:
     KeyError: a missing ``kernel``, ``mean`` or ``var``.
-    ValueError: feature counts that disagree (the BN must normalize the layer's output features).
+    ValueError: feature counts that disagree (the BN must normalize the layer's output features), or an
+      ``epsilon`` that is negative, NaN or infinite.
   """
+  eps = float(epsilon) if isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool) else None
+  if eps is None or not (eps >= 0.0 and math.isfinite(eps)):
+    raise ValueError(f"`epsilon` is {epsilon!r}, but should be the BN layer's epsilon: a finite number >= 0.")
   for name, tree, key in (
     ("layer_params", layer_params, "kernel"),
     ("bn_stats", bn_stats, "mean"),

@@ -81,8 +81,11 @@ def init_batch_stats(
 
 def canonicalize_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
   """Returns ``axis`` as a sorted tuple of non-negative axes, or raises ValueError."""
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-  if not axes or not all(isinstance(a, numbers.Integral) for a in axes):
+  try:
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  except TypeError:  # a float, None, ...: not iterable
+    axes = ()
+  if not axes or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes):
     raise ValueError(f"`{name}` is {axis!r}, but should be an int or a non-empty tuple of ints.")
   for a in axes:
     if not -ndim <= a < ndim:
@@ -293,7 +296,8 @@ def _local_moments(x, layout: Layout, mask):
     d = jnp.where(mask, x - layout.expand(m1), 0.0)
     mean_d = layout.sum(d) / safe
     mean_d2 = layout.sum(_abs2(d)) / safe
-  var = jnp.maximum(mean_d2 - _abs2(mean_d), 0.0)
+  # Values so large that their squares overflow: the variance is inf (inf - inf would say NaN), as in Flax.
+  var = jnp.where(jnp.isinf(mean_d2), mean_d2, jnp.maximum(mean_d2 - _abs2(mean_d), 0.0))
   return count, m1 + mean_d, var * count
 
 
@@ -332,7 +336,8 @@ def batch_moments(
       count, s1, s2 = jnp.real(stacked[0]), stacked[1], jnp.real(stacked[2])
     safe = jnp.maximum(count, 1.0)  # count 0 (nothing valid anywhere): mean and var 0, count 0
     mean = s1 / safe
-    return mean, jnp.maximum(s2 / safe - _abs2(mean), 0.0), jnp.broadcast_to(count, mean.shape)
+    var = jnp.where(jnp.isinf(s2), s2, jnp.maximum(s2 / safe - _abs2(mean), 0.0))
+    return mean, var, jnp.broadcast_to(count, mean.shape)
 
   count, mean, m2 = _local_moments(x, layout, mask)
   if axis_name is not None:
@@ -490,8 +495,16 @@ def _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, re
         )
 
 
-# The variant options of batch_norm, which the linen and NNX modules keep as fields of the same names.
-VARIANT_OPTIONS = (
+# The options of batch_norm that the linen and NNX modules keep as fields of the same names and pass
+# through unchanged (one declaration: bnjax.options).
+PASSED_OPTIONS = (
+  "momentum",
+  "epsilon",
+  "axis_name",
+  "axis_index_groups",
+  "use_fast_variance",
+  "unbiased_running_var",
+  "force_float32_reductions",
   "update_stats",
   "virtual_batch_size",
   "renorm",
@@ -501,17 +514,162 @@ VARIANT_OPTIONS = (
 )
 
 
-def variant_options(module: Any, renorm_clipping: Any = None) -> dict[str, Any]:
-  """A module's variant fields as :func:`batch_norm` keywords; a call's ``renorm_clipping`` overrides the field."""
-  options = {name: getattr(module, name) for name in VARIANT_OPTIONS}
-  if renorm_clipping is not None:
-    options["renorm_clipping"] = renorm_clipping
-  return options
-
-
 def _where_stats(cond: jax.Array, new: BatchStats, old: BatchStats) -> BatchStats:
   """Field by field ``where(cond, new, old)`` (absent fields stay None), in the new statistics' dtypes."""
   return BatchStats(*(n if n is None else jnp.where(cond, n, o.astype(n.dtype)) for n, o in zip(new, old, strict=True)))
+
+
+def as_input(x: Any) -> jax.Array:
+  """``x`` as an inexact array of rank >= 2 (integer and bool promoted to float32, as Flax does), or raises."""
+  x_dtype = getattr(x, "dtype", None) or np.asarray(x).dtype
+  if not (jnp.issubdtype(x_dtype, jnp.number) or x_dtype == np.bool_):  # strings, objects, dates
+    raise TypeError(f"`x` has dtype {x_dtype}, but batch norm needs a numeric (float, complex, integer or bool) input.")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(jnp.float32)
+  if x.ndim < 2:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but batch norm needs rank >= 2: "
+      "a batch axis and at least one feature axis."
+    )
+  return x
+
+
+def _check_training(
+  x,
+  stats,
+  feature_axes,
+  reduction_axes,
+  momentum,
+  update_stats,
+  renorm,
+  virtual_batch_size,
+  track_num_batches,
+  axis_name,
+  mask,
+):
+  """Training-mode requirements of the options and of the batch, checked before any work."""
+  for needed, why in (
+    (momentum is None, "`momentum` is None (PyTorch's cumulative average)"),
+    (track_num_batches, "`track_num_batches` is True"),
+  ):
+    if needed and (stats is None or stats.num_batches_tracked is None) and update_stats:
+      raise ValueError(
+        f"{why}, which needs the batch counter `stats.num_batches_tracked`; start from "
+        "bnjax.init_batch_stats(..., num_batches_tracked=True)."
+      )
+  if renorm:
+    if jnp.iscomplexobj(x):
+      raise TypeError(f"`renorm=True` needs a real input, but `x` has dtype {x.dtype}.")
+    if stats is None or stats.renorm_mean is None or stats.renorm_std is None:
+      raise ValueError(
+        "`renorm=True` needs `stats.renorm_mean` and `stats.renorm_std` (the moving averages r and d are "
+        "measured against); start from bnjax.init_batch_stats(..., renorm=True)."
+      )
+  if math.prod(x.shape[a] for a in reduction_axes) == 0:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)}: no value to compute training-mode batch statistics from (the batch is "
+      "empty); evaluation mode accepts an empty batch."
+    )
+  batch_axis = reduction_axes[0]
+  if virtual_batch_size is not None and x.shape[batch_axis] % virtual_batch_size:
+    raise ValueError(
+      f"`x` has shape {tuple(x.shape)}, whose batch axis {batch_axis} has {x.shape[batch_axis]} examples, not "
+      f"divisible by `virtual_batch_size` {virtual_batch_size}; use a batch size that is a multiple of it."
+    )
+  if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
+    warnings.warn(
+      f"bnjax.batch_norm: `x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so the training-mode "
+      "statistics are over a single value per feature (a batch of 1): the variance is 0 and the output is `bias`.",
+      stacklevel=3,
+    )
+
+
+class Grouping(NamedTuple):
+  """How training sees the input: its working ``shape``, feature axes and layout, and for ghost BN the
+  position ``group_pos`` of the group axis among the features (None without ghost BN).
+
+  Ghost BN turns the batch axis into (groups, virtual_batch_size) and the group axis into a feature
+  axis, so every group gets its own statistics from the same code path.
+  """
+
+  shape: tuple[int, ...]
+  layout: Layout
+  group_pos: int | None
+
+  @classmethod
+  def of(cls, shape, feature_axes, batch_axis, virtual_batch_size) -> Grouping:
+    if virtual_batch_size is None:
+      return cls(tuple(shape), Layout(shape, feature_axes), None)
+    b = batch_axis
+    work_shape = shape[:b] + (shape[b] // virtual_batch_size, virtual_batch_size) + shape[b + 1 :]
+    work_axes = tuple(a for a in feature_axes if a < b) + (b,) + tuple(a + 1 for a in feature_axes if a > b)
+    return cls(work_shape, Layout(work_shape, work_axes), sum(a < b for a in feature_axes))
+
+  def per_feature(self, v: jax.Array) -> jax.Array:
+    """A per-feature array in working form, repeated over the groups (its transpose sums over them)."""
+    if self.group_pos is not None:
+      v = jnp.broadcast_to(jnp.expand_dims(v, self.group_pos), self.layout.feature_shape)
+    return self.layout.per_feature_to_work(v)
+
+  def combine_groups(self, mean, var, count, unbiased: bool):
+    """Per-feature ``(mean, var, running var, count)`` of the whole batch from per-group statistics:
+    the count-weighted mean and the pooled within-group variance (``/ sum (n_g - 1)`` when unbiased)."""
+    if self.group_pos is None:
+      running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased else var
+      return mean, var, running_var, count
+    g = self.group_pos
+    total, pooled = jnp.sum(count, g), jnp.sum(count * var, g)
+    dof = jnp.sum(jnp.maximum(count - 1.0, 0.0), g) if unbiased else total
+    mean = jnp.sum(count * mean, g) / jnp.maximum(total, 1.0)
+    return mean, pooled / jnp.maximum(total, 1.0), pooled / jnp.maximum(dof, 1.0), total
+
+
+def renorm_correction(y, mean, var, count, stats, scale, bias, epsilon, clipping, grouping: Grouping, dtype):
+  """Batch renormalization: ``scale * (xhat * r + d) + bias`` from the normalized ``y = xhat``, with
+  ``r``, ``d`` measured against ``stats.renorm_mean``/``renorm_std``, clipped, without gradient.
+
+  ``scale`` and ``bias`` are per-feature arrays in working form (see :meth:`Grouping.per_feature`).
+  """
+  renorm_std = grouping.per_feature(stats.renorm_std.astype(dtype))
+  r = jnp.sqrt(var + epsilon) / renorm_std
+  d = (mean - grouping.per_feature(stats.renorm_mean.astype(dtype))) / renorm_std
+  r_max, d_max = (None, None) if clipping is None else clipping
+  if r_max is not None:
+    r = jnp.clip(r, 1.0 / r_max, r_max)
+  if d_max is not None:
+    d = jnp.clip(d, -d_max, d_max)
+  seen = count > 0  # a feature (or group) with no valid example: xhat = 0 and no correction
+  r, d = lax.stop_gradient(jnp.where(seen, r, 1.0)), lax.stop_gradient(jnp.where(seen, d, 0.0))
+  expand = grouping.layout.expand
+  return y * expand(r * scale) + expand(d * scale + bias)
+
+
+def update_running_stats(
+  stats: BatchStats, mean, var, running_var, count, *, momentum, epsilon, renorm, renorm_momentum, masked: bool
+) -> BatchStats:
+  """The running statistics after one training batch (its per-feature statistics, without gradient).
+
+  ``momentum=None`` is the cumulative average (the ``n``-th batch weighs ``1/n``). With a mask, a
+  feature with no valid example keeps its statistics, and a batch with none at all is not counted.
+  """
+  mean, var, running_var = (lax.stop_gradient(v) for v in (mean, var, running_var))
+  n = stats.num_batches_tracked
+  if momentum is None:  # PyTorch's cumulative average: the (n+1)-th batch gets weight 1 / (n+1)
+    real = real_dtype(mean.dtype)
+    momentum = n.astype(real) / (n + 1).astype(real)
+  # From `stats`, so optional fields that no option of this call updates come back as they went in.
+  new = stats._replace(mean=ema(stats.mean, mean, momentum), var=ema(stats.var, running_var, momentum))
+  if renorm:
+    new = new._replace(
+      renorm_mean=ema(stats.renorm_mean, mean, renorm_momentum),
+      renorm_std=ema(stats.renorm_std, jnp.sqrt(var + epsilon), renorm_momentum),
+    )
+  if not masked:
+    return new if n is None else new._replace(num_batches_tracked=n + 1)
+  seen = count > 0  # no valid example for a feature: nothing to learn, keep its statistics
+  new = _where_stats(seen, new, stats)
+  return new if n is None else new._replace(num_batches_tracked=n + jnp.any(seen).astype(n.dtype))
 
 
 def batch_norm(
@@ -563,10 +721,10 @@ def batch_norm(
       (a fully masked shard adds nothing).
     axis_index_groups: subgroups of ``axis_name`` to combine separately.
     mask: boolean array broadcastable to ``x``; False entries (e.g. padded
-      examples) are left out of the batch statistics. Outputs at masked positions are computed
-      but meaningless. A feature with no valid entry at all (over every shard) keeps its running
-      statistics unchanged, and its output in that call is ``bias`` (``xhat = 0``) with no
-      gradient to ``x``.
+      examples) are left out of the batch statistics. Outputs at masked positions are ``bias``, and
+      masked values (even NaN or inf) reach no output and no gradient. A feature with no valid
+      entry at all (over every shard) keeps its running statistics unchanged, and its output in that
+      call is ``bias`` (``xhat = 0``) with no gradient to ``x``.
     use_fast_variance: opt in to ``E[x^2] - E[x]^2`` in one pass; it loses
       precision when ``|mean| >> std``. The default is the stable form.
     unbiased_running_var: update the running variance with the unbiased batch
@@ -621,17 +779,7 @@ def batch_norm(
   >>> jnp.round(stats.mean, 2)  # 0.9 * 0 + 0.1 * [4.5, 5.5, 6.5]
   Array([0.45, 0.55, 0.65], dtype=float32)
   """
-  x_dtype = getattr(x, "dtype", None) or np.asarray(x).dtype
-  if not (jnp.issubdtype(x_dtype, jnp.number) or x_dtype == np.bool_):  # strings, objects, dates
-    raise TypeError(f"`x` has dtype {x_dtype}, but batch norm needs a numeric (float, complex, integer or bool) input.")
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    x = x.astype(jnp.float32)  # as Flax: integer inputs are normalized in float
-  if x.ndim < 2:
-    raise ValueError(
-      f"`x` has shape {tuple(x.shape)} (rank {x.ndim}), but batch norm needs rank >= 2: "
-      "a batch axis and at least one feature axis."
-    )
+  x = as_input(x)
   use_running_average = check_mode(use_running_average)
   feature_axes = canonicalize_axes(x.ndim, axis)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
@@ -649,66 +797,33 @@ def batch_norm(
   if use_running_average is True:
     return evaluate()
 
-  # Training-mode requirements of the options, checked before any work.
-  for needed, why in (
-    (momentum is None, "`momentum` is None (PyTorch's cumulative average)"),
-    (track_num_batches, "`track_num_batches` is True"),
-  ):
-    if needed and (stats is None or stats.num_batches_tracked is None) and update_stats:
-      raise ValueError(
-        f"{why}, which needs the batch counter `stats.num_batches_tracked`; start from "
-        "bnjax.init_batch_stats(..., num_batches_tracked=True)."
-      )
-  if renorm:
-    if jnp.iscomplexobj(x):
-      raise TypeError(f"`renorm=True` needs a real input, but `x` has dtype {x.dtype}.")
-    if stats is None or stats.renorm_mean is None or stats.renorm_std is None:
-      raise ValueError(
-        "`renorm=True` needs `stats.renorm_mean` and `stats.renorm_std` (the moving averages r and d are "
-        "measured against); start from bnjax.init_batch_stats(..., renorm=True)."
-      )
-  batch_axis = reduction_axes[0]
-  if virtual_batch_size is not None and x.shape[batch_axis] % virtual_batch_size:
-    raise ValueError(
-      f"`x` has shape {tuple(x.shape)}, whose batch axis {batch_axis} has {x.shape[batch_axis]} examples, not "
-      f"divisible by `virtual_batch_size` {virtual_batch_size}; use a batch size that is a multiple of it."
-    )
-
-  if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
-    warnings.warn(
-      f"bnjax.batch_norm: `x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so the training-mode "
-      "statistics are over a single value per feature (a batch of 1): the variance is 0 and the output is `bias`.",
-      stacklevel=2,
-    )
-
+  _check_training(
+    x,
+    stats,
+    feature_axes,
+    reduction_axes,
+    momentum,
+    update_stats,
+    renorm,
+    virtual_batch_size,
+    track_num_batches,
+    axis_name,
+    mask,
+  )
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
-  # Ghost BN: the batch axis becomes (groups, virtual_batch_size) and the group axis a feature axis, so
-  # every group gets its own statistics from the same code path. `to_work_features` repeats a per-feature
-  # array over the groups (its transpose, in the gradient, sums over them).
-  shape, work_axes, group_pos = x.shape, feature_axes, None
-  if virtual_batch_size is not None:
-    b = batch_axis
-    shape = x.shape[:b] + (x.shape[b] // virtual_batch_size, virtual_batch_size) + x.shape[b + 1 :]
-    group_pos = sum(a < b for a in feature_axes)
-    work_axes = tuple(a for a in feature_axes if a < b) + (b,) + tuple(a + 1 for a in feature_axes if a > b)
-  layout = Layout(shape, work_axes)
+  grouping = Grouping.of(x.shape, feature_axes, reduction_axes[0], virtual_batch_size)
+  layout = grouping.layout
 
-  def to_work_features(v):
-    if group_pos is not None:
-      v = jnp.broadcast_to(jnp.expand_dims(v, group_pos), layout.feature_shape)
-    return layout.per_feature_to_work(v)
-
-  def per_feature(v, default):
+  def per_feature(v, default):  # absent scale/bias act as 1/0 (symbolic-zero tangents: free)
     v = jnp.full(tuple(x.shape[a] for a in feature_axes), default, reduce_dtype) if v is None else v
-    return to_work_features(jnp.asarray(v).astype(reduce_dtype))
+    return grouping.per_feature(jnp.asarray(v).astype(reduce_dtype))
 
   work_mask = None
   if mask is not None:
-    work_mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(shape))
-  # Absent scale/bias act as 1/0; their tangents are symbolic zeros, so they cost nothing. Renorm
-  # applies scale and bias after its correction, so the normalization itself gets 1 and 0.
+    work_mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(grouping.shape))
+  # Renorm applies scale and bias after its correction, so the normalization itself gets 1 and 0.
   y, mean, var, count = normalize_by_batch(
-    layout.to_work(x.astype(reduce_dtype).reshape(shape)),
+    layout.to_work(x.astype(reduce_dtype).reshape(grouping.shape)),
     per_feature(None if renorm else scale, 1.0),
     per_feature(None if renorm else bias, 0.0),
     layout,
@@ -719,57 +834,28 @@ def batch_norm(
     use_fast_variance=use_fast_variance,
   )
   if renorm:
-    renorm_std = to_work_features(stats.renorm_std.astype(reduce_dtype))
-    sigma = jnp.sqrt(var + epsilon)
-    r = sigma / renorm_std
-    d = (mean - to_work_features(stats.renorm_mean.astype(reduce_dtype))) / renorm_std
-    r_max, d_max = (None, None) if renorm_clipping is None else renorm_clipping
-    if r_max is not None:
-      r = jnp.clip(r, 1.0 / r_max, r_max)
-    if d_max is not None:
-      d = jnp.clip(d, -d_max, d_max)
-    seen = count > 0  # a feature (or group) with no valid example: xhat = 0 and no correction
-    r, d = lax.stop_gradient(jnp.where(seen, r, 1.0)), lax.stop_gradient(jnp.where(seen, d, 0.0))
     g, beta = per_feature(scale, 1.0), per_feature(bias, 0.0)
-    y = y * layout.expand(r * g) + layout.expand(d * g + beta)
+    y = renorm_correction(y, mean, var, count, stats, g, beta, epsilon, renorm_clipping, grouping, reduce_dtype)
   y = y.reshape(x.shape).astype(out_dtype)
-  mean, var, count = (layout.per_feature_from_work(v) for v in (mean, var, count))
 
-  if stats is None or not update_stats:
-    new_stats = stats
-  else:
-    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-    if group_pos is None:
-      running_var = var * count / jnp.maximum(count - 1.0, 1.0) if unbiased_running_var else var
-    else:  # ghost BN: combine the groups (see the docstring)
-      total = jnp.sum(count, group_pos)
-      pooled = jnp.sum(count * var, group_pos)
-      dof = jnp.sum(jnp.maximum(count - 1.0, 0.0), group_pos) if unbiased_running_var else total
-      mean = jnp.sum(count * mean, group_pos) / jnp.maximum(total, 1.0)
-      var = pooled / jnp.maximum(total, 1.0)
-      running_var = pooled / jnp.maximum(dof, 1.0)
-      count = total
-    n = stats.num_batches_tracked
-    if momentum is None:  # PyTorch's cumulative average: the (n+1)-th batch gets weight 1 / (n+1)
-      momentum = n.astype(real_dtype(mean.dtype)) / (n + 1).astype(real_dtype(mean.dtype))
-    # From `stats`, so optional fields that no option of this call updates come back as they went in.
-    new_stats = stats._replace(
-      mean=ema(stats.mean, mean, momentum),
-      var=ema(stats.var, running_var, momentum),
-      num_batches_tracked=None if n is None else n + 1,
+  new_stats = stats
+  if stats is not None and update_stats:
+    batch = (layout.per_feature_from_work(v) for v in (mean, var, count))
+    mean, var, running_var, count = grouping.combine_groups(*batch, unbiased=unbiased_running_var)
+    new_stats = update_running_stats(
+      stats,
+      mean,
+      var,
+      running_var,
+      count,
+      momentum=momentum,
+      epsilon=epsilon,
+      renorm=renorm,
+      renorm_momentum=renorm_momentum,
+      masked=mask is not None,
     )
-    if renorm:
-      new_stats = new_stats._replace(
-        renorm_mean=ema(stats.renorm_mean, mean, renorm_momentum),
-        renorm_std=ema(stats.renorm_std, jnp.sqrt(var + epsilon), renorm_momentum),
-      )
-    if mask is not None:  # no valid example for a feature: nothing to learn, keep its statistics
-      seen = count > 0
-      kept = _where_stats(seen, new_stats, stats)
-      new_stats = kept._replace(num_batches_tracked=new_stats.num_batches_tracked)
   if use_running_average is False:
     return y, new_stats
-
   # A traced mode (e.g. a train flag passed through jit as an array): both results, one selected.
   if stats is None:
     raise ValueError("`stats` is None, but a traced `use_running_average` may select evaluation, which needs them.")

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers, module
 from flax.linen.module import Module, compact
 
-from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, stats_dtypes, variant_options
+from bnjax.functional import canonicalize_axes, check_mode, stats_dtypes
+from bnjax.module_common import OPTION_DEFAULTS as D
+from bnjax.module_common import call_batch_norm, optional_statistics
 
 Initializer = Any
 
@@ -78,25 +80,25 @@ class BatchNorm(Module):
 
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
+  momentum: float | None = D["momentum"]
+  epsilon: float = D["epsilon"]
   dtype: Any | None = None
   param_dtype: Any = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
   scale_init: Initializer = initializers.ones
-  axis_name: str | None = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = False
-  force_float32_reductions: bool = True
-  unbiased_running_var: bool = False
-  update_stats: bool = True
-  virtual_batch_size: int | None = None
-  renorm: bool = False
-  renorm_clipping: tuple[Any, Any] | None = None
-  renorm_momentum: float = 0.99
-  track_num_batches: bool = False
+  axis_name: str | None = D["axis_name"]
+  axis_index_groups: Any = D["axis_index_groups"]
+  use_fast_variance: bool = D["use_fast_variance"]
+  force_float32_reductions: bool = D["force_float32_reductions"]
+  unbiased_running_var: bool = D["unbiased_running_var"]
+  update_stats: bool = D["update_stats"]
+  virtual_batch_size: int | None = D["virtual_batch_size"]
+  renorm: bool = D["renorm"]
+  renorm_clipping: tuple[Any, Any] | None = D["renorm_clipping"]
+  renorm_momentum: float = D["renorm_momentum"]
+  track_num_batches: bool = D["track_num_batches"]
 
   @compact
   def __call__(
@@ -129,16 +131,12 @@ class BatchNorm(Module):
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     mean_dtype, var_dtype = stats_dtypes(x.dtype, self.param_dtype)
 
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dtype), feature_shape)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dtype), feature_shape)
-    # The optional statistics exist only when an option uses them, so default checkpoints keep Flax's names.
-    counter = None
-    if self.momentum is None or self.track_num_batches:
-      counter = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
-    renorm_mean = renorm_std = None
-    if self.renorm:
-      renorm_mean = self.variable("batch_stats", "renorm_mean", lambda s: jnp.zeros(s, var_dtype), feature_shape)
-      renorm_std = self.variable("batch_stats", "renorm_std", lambda s: jnp.ones(s, var_dtype), feature_shape)
+    inits = {
+      "mean": lambda: jnp.zeros(feature_shape, mean_dtype),
+      "var": lambda: jnp.ones(feature_shape, var_dtype),
+      **{k: (lambda v=v: v) for k, v in optional_statistics(self, feature_shape, var_dtype).items()},
+    }
+    variables = {name: self.variable("batch_stats", name, init) for name, init in inits.items()}
     scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
@@ -150,30 +148,24 @@ class BatchNorm(Module):
     with warnings.catch_warnings():
       if initializing:  # init's sample batch is often a single example, and nothing is learned from it
         warnings.simplefilter("ignore")
-      y, new_stats = batch_norm(
+        # As in Flax, nothing is synchronized (or learned) while initializing.
+        overrides = {"axis_name": None, "axis_index_groups": None}
+      else:
+        overrides = {}
+      y, new_stats = call_batch_norm(
+        self,
         x,
         scale,
         bias,
-        BatchStats(
-          ra_mean.value,
-          ra_var.value,
-          *(None if v is None else v.value for v in (counter, renorm_mean, renorm_std)),
-        ),
-        use_running_average=mode,
+        {name: v.value for name, v in variables.items()},
+        mode=mode,
         axis=feature_axes,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
         mask=mask,
-        use_fast_variance=self.use_fast_variance,
-        unbiased_running_var=self.unbiased_running_var,
-        force_float32_reductions=self.force_float32_reductions,
+        renorm_clipping=renorm_clipping,
         dtype=out_dtype,
-        **variant_options(self, renorm_clipping),
+        **overrides,
       )
     if mode is not True and not initializing and self.update_stats:
-      for variable, value in zip((ra_mean, ra_var, counter, renorm_mean, renorm_std), new_stats, strict=True):
-        if variable is not None:
-          variable.value = value
+      for name, variable in variables.items():
+        variable.value = getattr(new_stats, name)
     return y

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax.functional import BatchStats, batch_norm, canonicalize_axes, check_mode, variant_options
+from bnjax.functional import PASSED_OPTIONS, BatchStats, canonicalize_axes, check_mode
+from bnjax.module_common import OPTION_DEFAULTS as D
+from bnjax.module_common import call_batch_norm, optional_statistics
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
 _NO_MODE = (
@@ -71,38 +73,33 @@ class BatchNorm(nnx.Module):
     *,
     use_running_average: bool | None = False,
     axis: int = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
+    momentum: float | None = D["momentum"],
+    epsilon: float = D["epsilon"],
     dtype: Any | None = None,
     param_dtype: Any = jnp.float32,
     use_bias: bool = True,
     use_scale: bool = True,
     bias_init: Any = _ZEROS,
     scale_init: Any = _ONES,
-    axis_name: str | None = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = False,
+    axis_name: str | None = D["axis_name"],
+    axis_index_groups: Any = D["axis_index_groups"],
+    use_fast_variance: bool = D["use_fast_variance"],
     promote_dtype: Any = dtypes.promote_dtype,
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-    unbiased_running_var: bool = False,
-    force_float32_reductions: bool = True,
-    update_stats: bool = True,
-    virtual_batch_size: int | None = None,
-    renorm: bool = False,
-    renorm_clipping: tuple[Any, Any] | None = None,
-    renorm_momentum: float = 0.99,
-    track_num_batches: bool = False,
+    unbiased_running_var: bool = D["unbiased_running_var"],
+    force_float32_reductions: bool = D["force_float32_reductions"],
+    update_stats: bool = D["update_stats"],
+    virtual_batch_size: int | None = D["virtual_batch_size"],
+    renorm: bool = D["renorm"],
+    renorm_clipping: tuple[Any, Any] | None = D["renorm_clipping"],
+    renorm_momentum: float = D["renorm_momentum"],
+    track_num_batches: bool = D["track_num_batches"],
   ):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    # Optional statistics exist only when an option uses them (same names as the linen module's).
-    tracked = momentum is None or track_num_batches
-    self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32)) if tracked else nnx.data(None)
-    self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32)) if renorm else nnx.data(None)
-    self.renorm_std = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32)) if renorm else nnx.data(None)
     self.scale = (
       nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
       if use_scale
@@ -111,27 +108,16 @@ class BatchNorm(nnx.Module):
     self.bias = (
       nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
     )
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.unbiased_running_var = unbiased_running_var
-    self.force_float32_reductions = force_float32_reductions
-    self.update_stats = update_stats
-    self.virtual_batch_size = virtual_batch_size
-    self.renorm = renorm
-    self.renorm_clipping = renorm_clipping
-    self.renorm_momentum = renorm_momentum
-    self.track_num_batches = track_num_batches
+    self.num_features, self.use_running_average, self.axis = num_features, use_running_average, axis
+    self.dtype, self.param_dtype, self.promote_dtype = dtype, param_dtype, promote_dtype
+    self.use_bias, self.use_scale = use_bias, use_scale
+    options = locals()
+    for name in PASSED_OPTIONS:  # kept under batch_norm's names, as the linen module's fields
+      setattr(self, name, options[name])
+    # Optional statistics exist only when an option uses them (same names as the linen module's).
+    extra = optional_statistics(self, feature_shape, jnp.float32)
+    for name in BatchStats._fields[2:]:
+      setattr(self, name, nnx.BatchStat(extra[name]) if name in extra else nnx.data(None))
 
   def __call__(
     self,
@@ -160,27 +146,13 @@ class BatchNorm(nnx.Module):
       )
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
-    x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-    y, new_stats = batch_norm(
-      x,
-      scale,
-      bias,
-      BatchStats(
-        mean,
-        var,
-        *(None if v is None else v[...] for v in (self.num_batches_tracked, self.renorm_mean, self.renorm_std)),
-      ),
-      use_running_average=mode,
-      axis=axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      mask=mask,
-      use_fast_variance=self.use_fast_variance,
-      unbiased_running_var=self.unbiased_running_var,
-      force_float32_reductions=self.force_float32_reductions,
-      **variant_options(self, renorm_clipping),
+    # Flax's promote_dtype decides the computation's dtype; the running statistics stay as stored (float32):
+    # cast to float16, a variance near 9e4 becomes inf and every output 0 (flax.nnx.BatchNorm does that).
+    x, _, _, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    stats = {name: getattr(self, name) for name in BatchStats._fields}
+    stats = {k: v[...] for k, v in stats.items() if v is not None}
+    y, new_stats = call_batch_norm(
+      self, x, scale, bias, stats, mode=mode, axis=axis, mask=mask, renorm_clipping=renorm_clipping
     )
     if mode is not True and self.update_stats:
       for name, value in zip(BatchStats._fields, new_stats, strict=True):
@@ -189,6 +161,11 @@ class BatchNorm(nnx.Module):
     return y
 
   def set_view(self, use_running_average: bool | None = None):
-    """The hook ``nnx.view`` (and ``train()``/``eval()``) call to switch modes."""
+    """The hook ``nnx.view`` (and ``train()``/``eval()``) call to switch modes.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be used instead of computing the
+        batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average

@@ -17,13 +17,13 @@ conversions are:
 The ``*_to_torch`` functions go the other way and return NumPy arrays (``torch.from_numpy`` each, or
 ``{k: torch.tensor(v) ...}``) for ``load_state_dict``; a BN layer without a counter exports 0.
 
-As in PyTorch's ``load_state_dict(strict=True)``, :func:`lenet_from_torch` refuses keys it does not
-use (``strict=False`` ignores them), and a missing key is named exactly. A ``module.`` prefix on every
-key (``nn.DataParallel`` / ``DistributedDataParallel``) is removed.
+A missing key is named exactly. :func:`strip_data_parallel_prefix` removes the ``module.`` prefix
+that ``nn.DataParallel`` / ``DistributedDataParallel`` put on every key. A whole model is a mapping of
+layer names to these conversions (the chapter's LeNet: ``experiments/lenet_fmnist/porting.py``).
 
 Remember that PyTorch's ``momentum`` is ``1 - `` bnjax's and that ``nn.BatchNorm*`` updates the running
-variance with the unbiased batch variance: use ``momentum=0.9, unbiased_running_var=True`` (the
-LeNet's ``unbiased_running_var=True``) to keep training a ported ``nn.BatchNorm`` model the same way;
+variance with the unbiased batch variance: use ``momentum=0.9, unbiased_running_var=True`` to keep
+training a ported ``nn.BatchNorm`` model the same way;
 ``bnjax.pytorch_preset(momentum, eps)`` gives all of these at once, counter included.
 """
 
@@ -34,23 +34,7 @@ from typing import Any
 
 import numpy as np
 
-# Module names of the chapter's nn.Sequential LeNets, keyed by our LeNet's layer names.
-LENET_BN_LAYOUT = {
-  "conv1": "0",
-  "bn1": "1",
-  "conv2": "4",
-  "bn2": "5",
-  "fc1": "9",
-  "bn3": "10",
-  "fc2": "12",
-  "bn4": "13",
-  "fc3": "15",
-}
-LENET_PLAIN_LAYOUT = {"conv1": "0", "conv2": "3", "fc1": "7", "fc2": "9", "fc3": "11"}
-# LeNet's feature map before the flatten, NCHW: 16 channels of 4x4.
-LENET_FLATTEN_CHW = (16, 4, 4)
-
-_BN_NAMES = {
+BN_NAMES = {
   "scale": ("weight", "gamma"),
   "bias": ("bias", "beta"),
   "mean": ("running_mean", "moving_mean"),
@@ -68,7 +52,10 @@ class StateDictError(KeyError):
 def to_numpy(value: Any, dtype: Any = np.float32) -> np.ndarray:
   """A tensor or array as a NumPy copy (float32 unless ``dtype`` says otherwise; None keeps it), without torch."""
   if hasattr(value, "detach"):
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    if str(value.dtype) in ("torch.bfloat16", "torch.float16") and dtype is not None:
+      value = value.float()  # NumPy has no bfloat16: widen in torch, exactly, then convert
+    value = value.numpy()
   return np.array(value, dtype)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
@@ -121,7 +108,7 @@ def batch_norm_from_torch(
   state dict must then have.
   """
   out = {}
-  for ours, names in _BN_NAMES.items():
+  for ours, names in BN_NAMES.items():
     key = next((f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in state_dict), None)
     if key is None:
       near = sorted(k for k in state_dict if k.split(".")[0] == prefix)
@@ -144,7 +131,13 @@ def batch_norm_from_torch(
     value = to_numpy(state_dict[key], dtype=None)
     if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
       raise ValueError(f"`{key}` has shape {value.shape} and dtype {value.dtype}, but should be an integer count.")
-    stats["num_batches_tracked"] = np.asarray(value.reshape(()), np.int32)
+    count = int(value.reshape(()))
+    if not 0 <= count <= np.iinfo(np.int32).max:
+      raise ValueError(
+        f"`{key}` is {count}, but bnjax keeps the batch counter as int32 (0..{np.iinfo(np.int32).max}); "
+        "a larger count would wrap around."
+      )
+    stats["num_batches_tracked"] = np.asarray(count, np.int32)
   return {"scale": out["scale"], "bias": out["bias"]}, stats
 
 
@@ -183,85 +176,4 @@ def strip_data_parallel_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, An
   """The state dict without the ``module.`` prefix that ``nn.DataParallel`` puts on every key."""
   if state_dict and all(k.startswith("module.") for k in state_dict):
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
-  return state_dict
-
-
-def _accepted_keys(layout: Mapping[str, str]) -> set[str]:
-  keys = set()
-  for ours, theirs in layout.items():
-    names = [n for alternatives in _BN_NAMES.values() for n in alternatives] + ["num_batches_tracked"]
-    keys |= {f"{theirs}.{n}" for n in (names if ours.startswith("bn") else ("weight", "bias"))}
-  return keys
-
-
-def lenet_from_torch(
-  state_dict: Mapping[str, Any],
-  layout: Mapping[str, str] | None = None,
-  strict: bool = True,
-  num_batches_tracked: bool = False,
-) -> dict:
-  """Variables of :class:`bnjax.models.LeNet` from the chapter's PyTorch LeNet.
-
-  Args:
-    state_dict: the PyTorch model's ``state_dict()`` (tensors or NumPy arrays). The chapter's
-      scratch BatchNorm keeps ``moving_mean``/``moving_var`` as plain attributes, not buffers:
-      add them as ``"<i>.moving_mean"``/``"<i>.moving_var"``. A ``module.`` prefix on every key
-      (DataParallel) is removed.
-    layout: our layer name -> PyTorch module name; defaults to the chapter's ``nn.Sequential``
-      with BatchNorm when module ``1`` has parameters, else the plain LeNet.
-    strict: refuse keys that the layout does not use (PyTorch's ``strict``); False ignores them.
-    num_batches_tracked: keep each BN layer's ``num_batches_tracked`` in its ``batch_stats``.
-
-  Returns:
-    ``{"params": ..., "batch_stats": ...}`` (no ``batch_stats`` for the plain LeNet).
-
-  Raises:
-    StateDictError (a KeyError): a missing key, named; with ``strict``, unexpected keys, listed.
-  """
-  state_dict = strip_data_parallel_prefix(state_dict)
-  if layout is None:
-    # Module 1 is the first BatchNorm, or a Sigmoid (no keys) in the plain LeNet.
-    has_bn = any(k.split(".")[0] == LENET_BN_LAYOUT["bn1"] for k in state_dict)
-    layout = LENET_BN_LAYOUT if has_bn else LENET_PLAIN_LAYOUT
-  if strict:
-    unexpected = sorted(set(state_dict) - _accepted_keys(layout))
-    if unexpected:
-      hint = ""
-      if any(k.startswith("module.") for k in unexpected):
-        hint = " (nn.DataParallel's 'module.' prefix is removed only when every key has it)"
-      raise StateDictError(
-        f"state_dict has keys that LeNet does not use: {unexpected}{hint}. Pass strict=False to ignore them."
-      )
-  params, stats = {}, {}
-  for ours, theirs in layout.items():
-    if ours.startswith("conv"):
-      params[ours] = conv_from_torch(state_dict, theirs)
-    elif ours.startswith("fc"):
-      params[ours] = dense_from_torch(state_dict, theirs, LENET_FLATTEN_CHW if ours == "fc1" else None)
-    elif ours.startswith("bn"):
-      params[ours], stats[ours] = batch_norm_from_torch(state_dict, theirs, num_batches_tracked)
-    else:
-      raise ValueError(f"`layout` names layer {ours!r}; LeNet's layers are conv1, conv2, fc1..fc3 and bn1..bn4.")
-  return {"params": params, "batch_stats": stats} if stats else {"params": params}
-
-
-def lenet_to_torch(variables: Mapping[str, Any], layout: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-  """The chapter's PyTorch LeNet ``state_dict`` (NumPy arrays) from :class:`bnjax.models.LeNet` variables.
-
-  The inverse of :func:`lenet_from_torch` for ``nn.BatchNorm`` models (``running_*`` names); the layout
-  defaults to the BN LeNet's when ``variables`` has ``batch_stats``, else the plain LeNet's.
-  """
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  if layout is None:
-    layout = LENET_BN_LAYOUT if stats else LENET_PLAIN_LAYOUT
-  state_dict: dict[str, np.ndarray] = {}
-  for ours, theirs in layout.items():
-    if ours not in params:
-      raise KeyError(f"`variables['params']` has no layer {ours!r}; it has {sorted(params)}.")
-    if ours.startswith("conv"):
-      state_dict |= conv_to_torch(params[ours], theirs)
-    elif ours.startswith("fc"):
-      state_dict |= dense_to_torch(params[ours], theirs, LENET_FLATTEN_CHW if ours == "fc1" else None)
-    else:
-      state_dict |= batch_norm_to_torch(params[ours], stats[ours], theirs)
   return state_dict

@@ -22,26 +22,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from bnjax.functional import Layout, _local_moments, canonicalize_axes, real_dtype
+from bnjax.functional import Grouping, _local_moments, canonicalize_axes, real_dtype
 from bnjax.linen import BatchNorm
 
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
-Moments = dict[tuple[str, ...], tuple[jax.Array, jax.Array, jax.Array]]  # path -> (count, mean, M2)
+# (layer path, pooled) -> (count, mean, M2). `pooled` layers (ghost BN) keep M2 within their groups.
+Moments = dict[tuple[tuple[str, ...], bool], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def _combine(a, b):
-  """Chan et al.: the (count, mean, M2) of two disjoint sets from theirs; empty sets add nothing."""
+def _combine(a, b, pooled: bool = False):
+  """Chan et al.: the (count, mean, M2) of two disjoint sets from theirs; empty sets add nothing.
+
+  ``pooled``: M2 is a sum of within-group squared deviations (ghost BN), so the sets' means add no
+  between-set term.
+  """
   (na, ma, m2a), (nb, mb, m2b) = a, b
   n = na + nb
   safe = jnp.maximum(n, 1.0)
   delta = mb - ma
-  return n, ma + delta * nb / safe, m2a + m2b + jnp.real(delta * jnp.conj(delta)) * na * nb / safe
+  between = 0.0 if pooled else jnp.real(delta * jnp.conj(delta)) * na * nb / safe
+  return n, ma + delta * nb / safe, m2a + m2b + between
 
 
 def batch_moments_by_layer(apply_fn: Callable, variables: Mapping, x: jax.Array, mask=None, **model_kwargs) -> Moments:
   """The (count, mean, M2) of every batch-norm layer's input for one forward pass in training mode.
 
-  A layer called several times (shared weights) gets the moments of all its calls together.
+  A layer called several times (shared weights) gets the moments of all its calls together. A ghost-BN
+  layer (``virtual_batch_size``) records the pooled within-group M2: the spread training normalizes by.
   """
   records: Moments = {}
 
@@ -50,13 +57,25 @@ def batch_moments_by_layer(apply_fn: Callable, variables: Mapping, x: jax.Array,
     if context.method_name == "__call__" and isinstance(module, BATCH_NORMS):
       inputs = jnp.asarray(args[0])
       inputs = inputs.astype(jnp.promote_types(inputs.dtype, jnp.float32))
-      layout = Layout(inputs.shape, canonicalize_axes(inputs.ndim, module.axis))
+      feature_axes = canonicalize_axes(inputs.ndim, module.axis)
+      reduction_axes = tuple(a for a in range(inputs.ndim) if a not in feature_axes)
+      ghost = getattr(module, "virtual_batch_size", None)
+      grouping = Grouping.of(inputs.shape, feature_axes, reduction_axes[0], ghost)
+      layout = grouping.layout
       layer_mask = kwargs.get("mask")
-      layer_mask = None if layer_mask is None else layout.to_work(jnp.asarray(layer_mask, bool))
-      count, mean, m2 = _local_moments(layout.to_work(inputs), layout, layer_mask)
-      moments = tuple(layout.per_feature_from_work(jnp.broadcast_to(v, mean.shape)) for v in (count, mean, m2))
-      path = tuple(module.path)
-      records[path] = _combine(records[path], moments) if path in records else moments
+      if layer_mask is not None:
+        layer_mask = layout.to_work(
+          jnp.broadcast_to(jnp.asarray(layer_mask, bool), inputs.shape).reshape(grouping.shape)
+        )
+      count, mean, m2 = _local_moments(layout.to_work(inputs.reshape(grouping.shape)), layout, layer_mask)
+      count, mean, m2 = (layout.per_feature_from_work(jnp.broadcast_to(v, mean.shape)) for v in (count, mean, m2))
+      if grouping.group_pos is not None:  # per-group moments -> the batch's, M2 within the groups
+        g = grouping.group_pos
+        total = jnp.sum(count, g)
+        mean = jnp.sum(count * mean, g) / jnp.maximum(total, 1.0)
+        count, m2 = total, jnp.sum(m2, g)
+      key = (tuple(module.path), grouping.group_pos is not None)
+      records[key] = _combine(records[key], (count, mean, m2), key[1]) if key in records else (count, mean, m2)
     return next_fun(*args, **kwargs)
 
   kwargs = dict(model_kwargs)
@@ -90,7 +109,7 @@ def _moments_of_stack(apply_fn, model_kwargs: tuple, variables, xs) -> Moments:
 
   def body(total, x):
     new = moments(x)
-    return {k: _combine(total[k], new[k]) for k in total}, None
+    return {k: _combine(total[k], new[k], k[1]) for k in total}, None
 
   total, _ = jax.lax.scan(body, moments(xs[0]), xs[1:])
   return total
@@ -118,7 +137,8 @@ def precise_batch_stats(
 
   Returns:
     A copy of ``variables`` whose ``batch_stats`` hold, per BN layer, the mean and the variance over
-    all (unmasked) examples and positions seen. The variance is the biased one (divided by the number
+    all (unmasked) examples and positions seen (for a ghost-BN layer, the pooled within-group variance,
+    as its training updates use). The variance is the biased one (divided by the number
     of values), because that is what training normalizes by: at evaluation the layer then divides by
     the same kind of spread it saw in training, estimated over the population instead of one batch.
     (Over thousands of values per feature the unbiased one differs by less than float32 resolution.)
@@ -130,6 +150,8 @@ def precise_batch_stats(
   Raises:
     ValueError: no batches, or a model with no batch-norm layer in ``variables['batch_stats']``.
   """
+  if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+    raise ValueError(f"`num_batches` is {num_batches!r}, but should be a positive int (or None for all batches).")
   kwargs = tuple(sorted((model_kwargs or {}).items()))
   total: Moments | None = None
   if isinstance(batches, jax.Array | np.ndarray):
@@ -141,13 +163,13 @@ def precise_batch_stats(
       if num_batches is not None and seen >= num_batches:
         break
       moments = _moments_of_batch(apply_fn, kwargs, variables, *_split(batch))
-      total = moments if total is None else {k: _combine(total[k], v) for k, v in moments.items()}
+      total = moments if total is None else {k: _combine(total[k], v, k[1]) for k, v in moments.items()}
   if total is None:
     raise ValueError("`batches` yielded no batch: precise statistics need at least one.")
   stats = unfreeze(variables.get("batch_stats", {}))
   if not total:
     raise ValueError("the model called no bnjax.BatchNorm or flax.linen.BatchNorm layer; nothing to recompute.")
-  for path, (count, mean, m2) in total.items():
+  for (path, _), (count, mean, m2) in total.items():
     node = stats
     for name in path:
       if name not in node:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 
 def pytorch_preset(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str, Any]:
@@ -23,13 +26,13 @@ def pytorch_preset(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str,
   {'momentum': 0.9, 'epsilon': 1e-05, 'unbiased_running_var': True, 'track_num_batches': True}
   """
   if momentum is not None:
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, bool | np.bool_) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
       raise ValueError(f"`momentum` is {momentum!r}, but PyTorch's momentum is a number in [0, 1] or None.")
-  if isinstance(eps, bool) or not isinstance(eps, int | float) or not (eps >= 0 and math.isfinite(eps)):
+  if isinstance(eps, bool | np.bool_) or not isinstance(eps, numbers.Real) or not (eps >= 0 and math.isfinite(eps)):
     raise ValueError(f"`eps` is {eps!r}, but should be a finite number >= 0.")
-  return {
-    "momentum": None if momentum is None else 1.0 - momentum,
-    "epsilon": eps,
+  return {  # plain Python floats (a NumPy scalar in, a float out)
+    "momentum": None if momentum is None else 1.0 - float(momentum),
+    "epsilon": float(eps),
     "unbiased_running_var": True,
     "track_num_batches": True,
   }

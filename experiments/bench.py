@@ -12,13 +12,13 @@ loading, compilation and file writing included; peak memory is the child's maxim
 size as the OS reports it. The ratio is torch wall / bnjax wall (> 1: bnjax is faster).
 
 Model section: the chapter's LeNet at batch 256, float32, SGD lr 1.0, the same random
-Fashion-MNIST-sized data for every row. bnjax rows run ``bnjax.train.train_epoch`` (data on the
+Fashion-MNIST-sized data for every row. bnjax rows run the experiment's ``train.train_epoch`` (data on the
 device, on-device shuffle, scan-driven loop); PyTorch rows run the chapter's eager loop (forward,
 cross-entropy, backward, ``SGD.step``). Warm-up is excluded; the first (compiling) call is reported
 apart; figures are the median of ``--repeats`` timed runs of ``--steps`` steps.
 
 Inference section: evaluation-mode logits of the BN LeNet against the same network with every BN folded
-into the conv/dense layer before it (``bnjax.models.fold_lenet``), one jitted program each over the
+into the conv/dense layer before it (``models.fold_lenet``), one jitted program each over the
 same images, round-robin repeats.
 
 Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import batch_norm, init_batch_stats, train
-from bnjax.models import LeNet, fold_lenet, init_lenet
+from bnjax import batch_norm, init_batch_stats
+from experiments.lenet_fmnist import train
+from experiments.lenet_fmnist.models import LeNet, NNXLeNet, fold_lenet, init_lenet
 
 OP_SHAPES = [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84), (128, 56, 56, 64)]
 QUICK_OP_SHAPES = [(256, 8, 8, 16), (256, 84)]
@@ -72,41 +73,28 @@ def machine() -> str:
   return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores; jax {jax.__version__}"
 
 
-def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str):
-  """Returns ``(run, first_call_seconds)``: ``run()`` trains one pass over the data, warm."""
-  x, y = jnp.asarray(images), jnp.asarray(labels)
-  state = train.create_train_state(LeNet(norm=norm), jax.random.key(0), 1.0)
+def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str, api: str = "linen"):
+  """Returns ``(run, first_call_seconds)``: ``run()`` trains one pass over the data, warm.
+
+  ``api="nnx"`` trains the NNX LeNet (with ``bnjax.nnx.BatchNorm``) in the same loop.
+  """
+  data = train.Data.put(images, labels)
+  model = LeNet(norm=norm)
+  apply = train.linen_apply(model)
+  if api == "nnx":
+    from flax import nnx
+
+    apply = train.nnx_apply(NNXLeNet(norm, rngs=nnx.Rngs(0)))
+  state = train.create_train_state(apply, init_lenet(model, jax.random.key(0)), 1.0)
   t0 = time.perf_counter()
-  state, m = train.train_epoch(state, x, y, jax.random.key(0), batch_size, loop=loop)
+  state, m = train.train_epoch(state, data, jax.random.key(0), batch_size, loop=loop)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   holder = {"state": state}
 
   def run():
-    holder["state"], m = train.train_epoch(holder["state"], x, y, jax.random.key(1), batch_size, loop=loop)
+    holder["state"], m = train.train_epoch(holder["state"], data, jax.random.key(1), batch_size, loop=loop)
     jax.block_until_ready(m)
-
-  run()  # warm-up
-  return run, first
-
-
-def setup_bnjax_nnx(images: np.ndarray, labels: np.ndarray, batch_size: int):
-  """``(run, first_call_seconds)`` for the NNX LeNet with ``bnjax.nnx.BatchNorm`` (``bnjax.train_nnx``)."""
-  import optax
-  from flax import nnx
-
-  from bnjax import train_nnx
-  from bnjax.models import NNXLeNet
-
-  x, y = jnp.asarray(images), jnp.asarray(labels)
-  model = NNXLeNet(rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
-  t0 = time.perf_counter()
-  jax.block_until_ready(train_nnx.train_epoch(model, optimizer, x, y, jax.random.key(0), batch_size))
-  first = time.perf_counter() - t0
-
-  def run():
-    jax.block_until_ready(train_nnx.train_epoch(model, optimizer, x, y, jax.random.key(1), batch_size))
 
   run()  # warm-up
   return run, first
@@ -116,12 +104,12 @@ def setup_torch(torch, variant: str, images: np.ndarray, labels: np.ndarray, bat
   """Returns ``(run, first_call_seconds)`` for the chapter's PyTorch training loop."""
   from torch import nn
 
-  from experiments.torch_lenet import init_like_train_ch6, lenet_scratch_bn, lenet_torch_bn
+  from experiments.torch_lenet import init_like_train_ch6, lenet_scratch_bn, lenet_torch_bn, nchw_tensor
 
   net = init_like_train_ch6((lenet_scratch_bn if variant == "scratch" else lenet_torch_bn)(), seed=0).train()
   opt = torch.optim.SGD(net.parameters(), lr=1.0)
   loss_fn = nn.CrossEntropyLoss()
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  x = nchw_tensor(images)
   y = torch.from_numpy(labels.astype(np.int64))
   n = len(y)
 
@@ -388,7 +376,7 @@ def main(argv=None) -> dict:
   setups = [
     ("bnjax LeNet + bnjax.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop)),
     ("bnjax LeNet + flax.linen.BatchNorm", lambda: setup_bnjax("flax", images, labels, bs, args.loop)),
-    ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax_nnx(images, labels, bs)),
+    ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, "auto", api="nnx")),
   ]
   if torch is not None:
     setups += [

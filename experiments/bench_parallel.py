@@ -4,11 +4,12 @@
     python -m experiments.bench_parallel --out experiments/results/bench_parallel_cpu.json
 
 The chapter's LeNet step at global batch 256, with the same random Fashion-MNIST-sized batches for
-every row: the one-device step of ``bnjax.train`` and ``bnjax.parallel``'s step on meshes of 1, 2 and
-4 devices, timed round-robin (a slow spell of a shared machine hits every row alike), median of
-``--repeats``. On a 2-core CPU the host devices share the cores, so no speed-up is expected: the
-figures measure what the collectives cost. Also printed: the all-reduces in each compiled program,
-and the largest difference (loss, parameters, running statistics) from the one-device run after 5 steps.
+every row: the experiment's train step without a mesh, and the same step on meshes of 1, 2 and
+4 devices (``shard_map``, BN synchronized with ``bnjax.sync``), timed round-robin (a slow spell of a
+shared machine hits every row alike), median of ``--repeats``. On a 2-core CPU the host devices share
+the cores, so no speed-up is expected: the figures measure what the collectives cost. Also printed:
+the all-reduces in each compiled program, and the largest difference (loss, parameters, running
+statistics) from the one-device run after 5 steps.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bnjax import parallel, train  # noqa: E402
-from bnjax.models import LeNet  # noqa: E402
+from bnjax import sync  # noqa: E402
+from experiments.lenet_fmnist import train  # noqa: E402
+from experiments.lenet_fmnist.models import LeNet, init_lenet  # noqa: E402
+
+ONE = "1 device, no mesh"
+
+
+def new_state(model):
+  return train.create_train_state(train.linen_apply(model), init_lenet(model, jax.random.key(0)), 1.0)
 
 
 def main(argv=None) -> dict:
@@ -49,13 +57,14 @@ def main(argv=None) -> dict:
     f"{jax.local_device_count()} {jax.devices()[0].platform} devices; global batch {b}, {args.steps} steps per repeat"
   )
 
-  # Reference: bnjax.train's one-device step.
+  step = jax.jit(train.train_step, static_argnames="mesh", donate_argnums=(0,))
+
+  # Reference: the step without a mesh.
   def one_device():
-    state = train.create_train_state(LeNet("ours"), jax.random.key(0), 1.0)
+    state = new_state(LeNet("ours"))
     data = [
       (jnp.asarray(images[i * b : (i + 1) * b]), jnp.asarray(labels[i * b : (i + 1) * b])) for i in range(args.steps)
     ]
-    step = jax.jit(train.train_step)
 
     def run(state, n=args.steps):
       losses = []
@@ -67,24 +76,27 @@ def main(argv=None) -> dict:
     return state, run
 
   def on_mesh(n):
-    mesh = parallel.make_mesh(n)
-    state = parallel.replicate(train.create_train_state(LeNet("ours", axis_name="data"), jax.random.key(0), 1.0), mesh)
-    step = parallel.make_train_step(mesh)
-    data = [parallel.shard_batch(mesh, images, labels, np.arange(i * b, (i + 1) * b), mask) for i in range(args.steps)]
-    reduces = parallel.count_all_reduces(step, state, *data[0])
+    mesh = sync.make_mesh(n)
+    state = sync.replicate(new_state(LeNet("ours", axis_name=sync.DATA)), mesh)
+    sharding = jax.sharding.NamedSharding(mesh, sync.BATCH)
+    data = [
+      jax.device_put((images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b], mask), sharding)
+      for i in range(args.steps)
+    ]
+    reduces = sync.count_all_reduces(step, state, *data[0], mesh=mesh)
 
     def run(state, n=args.steps):
       losses = []
       for batch in data[:n]:
-        state, m = step(state, *batch)
+        state, m = step(state, *batch, mesh=mesh)
         losses.append(m["loss_sum"] / b)
       return jax.block_until_ready(state), losses
 
     return state, run, reduces
 
-  rows = {"1 device, bnjax.train step": (*one_device(), 0)}
+  rows = {ONE: (*one_device(), 0)}
   for n in counts:
-    rows[f"{n} device(s), bnjax.parallel step"] = on_mesh(n)
+    rows[f"{n} device(s), shard_map step"] = on_mesh(n)
 
   # Accuracy: 5 steps from the same start, against the one-device step.
   def fresh(state):  # the parallel step donates its state: every run starts from its own copy
@@ -93,12 +105,12 @@ def main(argv=None) -> dict:
     )
 
   results = {name: run(fresh(state), 5) for name, (state, run, _) in rows.items()}
-  ref_state, ref_losses = results["1 device, bnjax.train step"]
-  ref = parallel.to_host((ref_state.params, ref_state.batch_stats, [float(v) for v in ref_losses]))
+  ref_state, ref_losses = results[ONE]
+  ref = sync.to_host((ref_state.params, ref_state.batch_stats, [float(v) for v in ref_losses]))
 
   def max_diff(name):
     state, losses = results[name]
-    got = parallel.to_host((state.params, state.batch_stats, [float(v) for v in losses]))
+    got = sync.to_host((state.params, state.batch_stats, [float(v) for v in losses]))
     return max(
       float(np.max(np.abs(np.asarray(a) - np.asarray(e))))
       for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
@@ -113,7 +125,7 @@ def main(argv=None) -> dict:
       times[name].append(time.perf_counter() - t0)
   out = []
   print(f"{'':36s} {'steps/s':>8s} {'vs 1 device':>12s} {'all-reduces':>12s} {'max diff after 5 steps':>23s}")
-  base = args.steps / statistics.median(times["1 device, bnjax.train step"])
+  base = args.steps / statistics.median(times[ONE])
   for name, (_, _, reduces) in rows.items():
     sps = args.steps / statistics.median(times[name])
     row = {

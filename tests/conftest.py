@@ -1,15 +1,30 @@
 """Shared test setup.
 
-Several host CPU devices let the pmap/shard_map tests run on a CPU-only machine; the flag must be set
-before jax is first imported, which is why it lives here.
+Several host CPU devices let the pmap/shard_map tests run on any machine (tests that need them ask for
+``jax.devices("cpu")`` explicitly, so a GPU machine runs them too); the flag must be set before jax is
+first imported, which is why it lives here. The suite pins float32 matmuls and convolutions to true
+float32 (``highest``): XLA's default on GPUs is TF32, which no tolerance here is meant to absorb.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+CPU_DEVICES = jax.devices("cpu")  # 4 host devices, whatever the default backend
+
+
+def new_state(model, key, lr):
+  """The chapter's train state (plain SGD) for a linen LeNet initialized from ``key``."""
+  from experiments.lenet_fmnist import train
+  from experiments.lenet_fmnist.models import init_lenet
+
+  return train.create_train_state(train.linen_apply(model), init_lenet(model, key), lr)
 
 
 @pytest.fixture
@@ -44,7 +59,7 @@ def write_idx(path, array, magic, compress=True):
 
 def make_fmnist_dir(directory, n_train=512, n_test=128, seed=0, compress=True):
   """A small, learnable Fashion-MNIST look-alike: each class is a bright bar at its own position."""
-  from bnjax import data
+  from experiments.lenet_fmnist import input_pipeline as data
 
   rng = np.random.default_rng(seed)
   directory.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ def test_the_data_parallel_benchmark_reports_every_device_count(capsys):
   result = bench_parallel.main(["--steps", "2", "--repeats", "1", "--batch-size", "16"])
   names = [r["name"] for r in result["rows"]]
   assert names == [
-    "1 device, bnjax.train step",
-    "1 device(s), bnjax.parallel step",
-    "2 device(s), bnjax.parallel step",
-    "4 device(s), bnjax.parallel step",
+    "1 device, no mesh",
+    "1 device(s), shard_map step",
+    "2 device(s), shard_map step",
+    "4 device(s), shard_map step",
   ]
   assert all(r["steps_per_sec"] > 0 and r["max_diff"] < 1e-3 for r in result["rows"])
   assert result["rows"][-1]["all_reduces"] >= 4 and "all-reduces" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_fmnist_dir, write_idx
 
-from bnjax import data
+from experiments.lenet_fmnist import input_pipeline as data
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
@@ -92,8 +92,11 @@ def test_bad_source_is_rejected():
 
 
 def test_the_real_data_set_from_the_debian_package():
-  """CI installs dataset-fashion-mnist (.ci/setup); a missing package fails here, it does not skip."""
-  ds = data.load_fashion_mnist(data.DEBIAN_DIR, source="idx")
+  """CI installs dataset-fashion-mnist (.ci/setup); a missing package fails here, it does not skip.
+
+  ``$BNJAX_DATA_DIR``, when set, names another copy of the same files (e.g. on a GPU machine).
+  """
+  ds = data.load_fashion_mnist(source="idx")
   assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
   assert np.bincount(ds.train_labels).tolist() == [6000] * 10
   assert np.bincount(ds.test_labels).tolist() == [1000] * 10
@@ -139,3 +142,24 @@ def test_uint8_pixels_are_the_raw_bytes_of_the_float_ones(fmnist_dir):
   np.testing.assert_array_equal(raw.train_images.astype(np.float32) / np.float32(255), floats.train_images)
   with pytest.raises(ValueError, match=r"`pixels` is 'float64'"):
     data.load_idx_dir(fmnist_dir, pixels="float64")
+
+
+def test_the_tfds_source_reads_through_data_source_without_tensorflow(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")  # the [experiments] extra installs it; CI has it
+  with tfds.testing.mock_data(num_examples=7):
+    ds = data.load_fashion_mnist(str(tmp_path), source="tfds", pixels="uint8")
+  assert ds.source == "tensorflow-datasets"
+  assert ds.train_images.shape == (7, 28, 28, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_labels.shape == (7,) and ds.test_labels.dtype == np.int32
+  assert ds.train_labels.min() >= 0 and ds.train_labels.max() <= 9
+
+
+def test_auto_without_any_source_names_every_place_it_looked(monkeypatch, tmp_path):
+  monkeypatch.delenv(data.ENV_VAR, raising=False)
+  monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "nowhere")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  with pytest.raises(data.DataError) as e:
+    data.load_fashion_mnist()
+  message = str(e.value)
+  for place in ("--data-dir", data.ENV_VAR, str(tmp_path / "nowhere"), "tensorflow-datasets", "--data-source tfds"):
+    assert place in message, (place, message)

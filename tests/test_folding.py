@@ -8,7 +8,7 @@ import pytest
 from tolerance import assert_trees_close
 
 import bnjax
-from bnjax.models import LeNet, fold_lenet, init_lenet
+from experiments.lenet_fmnist.models import LeNet, fold_lenet, init_lenet
 
 
 def random_bn(rng, features, use_scale=True, use_bias=True):
@@ -67,3 +67,9 @@ def test_folding_errors_name_the_problem(rng):
   plain = init_lenet(LeNet(norm="none"), jax.random.key(0))
   with pytest.raises(ValueError, match="plain LeNet variables, nothing to fold"):
     fold_lenet(plain)
+
+
+@pytest.mark.parametrize("epsilon", [-1.0, float("nan"), float("inf"), "1e-5"])
+def test_a_bad_epsilon_is_refused_not_folded_into_nan_kernels(epsilon):
+  with pytest.raises(ValueError, match=r"`epsilon` is .*, but should be the BN layer's epsilon"):
+    bnjax.fold_batch_norm({"kernel": np.ones((2, 3))}, {}, {"mean": np.zeros(3), "var": np.ones(3)}, epsilon)

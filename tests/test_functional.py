@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CPU_DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -238,8 +239,7 @@ def test_axis_name_with_unequal_masked_shards_weights_by_count(rng):
 
 
 def test_pmap_over_host_devices_with_index_groups(rng):
-  n = jax.local_device_count()
-  if n < 4:
+  if len(CPU_DEVICES) < 4:
     pytest.fail("conftest.py should give 4 host CPU devices via XLA_FLAGS")
   x, _, _ = random_case(rng, (4, 8, 3), (2,))
   groups = [[0, 1], [2, 3]]
@@ -255,6 +255,7 @@ def test_pmap_over_host_devices_with_index_groups(rng):
       axis_index_groups=groups,
     ),
     axis_name="d",
+    devices=CPU_DEVICES,
   )(x)
   for group in groups:
     real = x[group].reshape(-1, 3).astype(np.float64)
@@ -270,7 +271,7 @@ def test_shard_map_over_host_devices_equals_the_whole_batch(rng):
     from jax import shard_map
   except ImportError:  # older jax
     from jax.experimental.shard_map import shard_map
-  mesh = Mesh(np.array(jax.devices()[:4]), ("batch",))
+  mesh = Mesh(np.array(CPU_DEVICES[:4]), ("batch",))
   x, gamma, beta = random_case(rng, (32, 5), (1,))
 
   def local(x):
@@ -419,7 +420,7 @@ def test_an_all_masked_shard_adds_nothing_to_the_statistics(rng, fast, mapper):
       use_fast_variance=fast,
     )
 
-  mapped = jax.vmap(step, axis_name="d") if mapper == "vmap" else jax.pmap(step, axis_name="d")
+  mapped = jax.vmap(step, axis_name="d") if mapper == "vmap" else jax.pmap(step, axis_name="d", devices=CPU_DEVICES)
   y, new = mapped(x, mask)
   valid = x[[0, 1, 3]].reshape(-1, 3).astype(np.float64)
   kind = "framework" if fast else "rounding"
@@ -818,3 +819,63 @@ def test_optional_statistics_no_option_uses_come_back_unchanged(rng):
   assert_trees_close((new.renorm_mean, new.renorm_std), (stats.renorm_mean, stats.renorm_std))
   _, picked = jax.jit(lambda m: batch_norm(x, None, None, stats, use_running_average=m))(jnp.array(False))
   assert jax.tree.structure(picked) == jax.tree.structure(stats)
+
+
+# --- the last silent-wrong statistics (issue 17) -------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_non_finite_padding_reaches_no_output_and_no_gradient(rng, poison):
+  x = rng.normal(size=(8, 3)).astype(np.float32)
+  x[6:] = poison
+  mask = (np.arange(8) < 6)[:, None]
+
+  def loss(x, scale, bias):
+    y, _ = batch_norm(x, scale, bias, init_batch_stats(3), use_running_average=False, mask=mask)
+    return jnp.sum(jnp.where(mask, y**2 + y, 0.0)), y
+
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(jnp.asarray(x), jnp.ones(3), jnp.zeros(3))
+  clean = np.where(mask, x, 0.0)
+  (_, y_clean), grads_clean = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+    jnp.asarray(clean), jnp.ones(3), jnp.zeros(3)
+  )
+  assert np.all(np.asarray(y[6:]) == 0.0)  # masked outputs are the bias
+  assert_trees_close((y[:6], grads[0][:6], grads[1], grads[2]), (y_clean[:6], grads_clean[0][:6], *grads_clean[1:]))
+  assert np.all(np.asarray(grads[0][6:]) == 0.0)
+
+
+def test_cumulative_momentum_does_not_count_an_all_masked_batch(rng):
+  x = rng.normal(size=(8, 3)).astype(np.float32)
+  stats = init_batch_stats(3, num_batches_tracked=True)
+  kwargs = dict(use_running_average=False, momentum=None)
+  _, skipped = batch_norm(x, None, None, stats, mask=np.zeros((8, 1), bool), **kwargs)
+  assert int(skipped.num_batches_tracked) == 0
+  _, after = batch_norm(x, None, None, skipped, mask=np.ones((8, 1), bool), **kwargs)
+  assert int(after.num_batches_tracked) == 1
+  assert_trees_close(after.mean, x.mean(0))  # the first counted batch has weight 1, not 1/2
+
+
+def test_values_whose_squares_overflow_give_an_infinite_variance_not_nan(rng):
+  x = (rng.normal(size=(16, 3)) * 1e30).astype(np.float32)
+  for fast in (False, True):
+    y, stats = batch_norm(x, None, None, init_batch_stats(3), use_running_average=False, use_fast_variance=fast)
+    assert np.all(np.isposinf(stats.var)) and np.all(np.isfinite(y)), (fast, stats.var)
+
+
+@pytest.mark.parametrize(
+  "call,pattern",
+  [
+    (dict(x=np.zeros((0, 3), np.float32)), r"`x` has shape \(0, 3\): no value to compute training-mode"),
+    (dict(axis=1.0), r"`axis` is 1.0, but should be an int or a non-empty tuple of ints"),
+    (dict(axis=True), r"`axis` is True, but should be an int"),
+  ],
+)
+def test_empty_batches_and_non_integer_axes_are_clear_errors(call, pattern):
+  kwargs = {"x": np.ones((4, 3), np.float32), "axis": -1, **call}
+  with pytest.raises(ValueError, match=pattern):
+    batch_norm(kwargs.pop("x"), None, None, init_batch_stats(3), use_running_average=False, **kwargs)
+
+
+def test_an_empty_batch_is_fine_in_evaluation():
+  y, _ = batch_norm(np.zeros((0, 3), np.float32), None, None, init_batch_stats(3), use_running_average=True)
+  assert y.shape == (0, 3)

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import new_state
 from tolerance import assert_trees_close
 
-from bnjax.conv import Conv, conv2d_valid
-from bnjax.models import LeNet, init_lenet
+from experiments.lenet_fmnist.conv import Conv, conv2d_valid
+from experiments.lenet_fmnist.models import LeNet, init_lenet
 
 
 def count(tree):
@@ -88,7 +89,7 @@ def test_bad_configuration_is_rejected_clearly(make, pattern):
 def test_nnx_lenet_has_linen_lenets_variables_and_logits(rng, norm):
   from flax import nnx
 
-  from bnjax.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+  from experiments.lenet_fmnist.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
 
   linen_vars = init_lenet(LeNet(norm=norm), jax.random.key(0))
   model = NNXLeNet(norm, rngs=nnx.Rngs(1))
@@ -107,10 +108,10 @@ def test_nnx_lenet_trained_by_nnx_optimizer_follows_the_linen_run(rng):
   import optax
   from flax import nnx
 
-  from bnjax import train
-  from bnjax.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+  from experiments.lenet_fmnist import train
+  from experiments.lenet_fmnist.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
 
-  state = train.create_train_state(LeNet(), jax.random.key(0), 1.0)
+  state = new_state(LeNet(), jax.random.key(0), 1.0)
   model = lenet_to_nnx(NNXLeNet(rngs=nnx.Rngs(0)), {"params": state.params, "batch_stats": state.batch_stats})
   optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
 

@@ -228,3 +228,18 @@ def test_variants_give_the_linen_module_numbers(rng, options):
 
 def test_default_nnx_state_has_no_extra_statistics():
   assert set(nnx.state(BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchStat).keys()) == {"mean", "var"}
+
+
+def test_float16_evaluation_keeps_the_running_variance_in_float32():
+  # A running variance near 9e4 overflows float16 (max 65504): cast, it would turn every output into 0.
+  layer = BatchNorm(4, dtype=jnp.float16, use_running_average=True, rngs=nnx.Rngs(0))
+  layer.mean[...] = jnp.full(4, 100.0)
+  layer.var[...] = jnp.full(4, 9e4)
+  x = (100.0 + 300.0 * jax.random.normal(jax.random.key(0), (64, 4))).astype(jnp.float16)
+  y = layer(x)
+  assert y.dtype == jnp.float16 and 0.9 < float(jnp.std(y.astype(jnp.float32))) < 1.1
+
+
+def test_view_info_describes_the_mode_switch():
+  text = nnx.view_info(BatchNorm(3, rngs=nnx.Rngs(0)))
+  assert "use_running_average" in text and "stored batch statistics" in text

@@ -11,19 +11,25 @@ import sys
 import time
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_fmnist_dir
+from conftest import CPU_DEVICES, make_fmnist_dir, new_state
 from tolerance import assert_close_and_record
 
-from bnjax import parallel, train
-from bnjax.models import LeNet
+from bnjax import sync
+from experiments.lenet_fmnist import train
+from experiments.lenet_fmnist.checkpoint import read_checkpoint
+from experiments.lenet_fmnist.models import LeNet
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 5, 64
+step_fn = jax.jit(train.train_step, static_argnames="mesh")
+
+
+def make_mesh(devices, bn_group_size=None):
+  return sync.make_mesh(devices, bn_group_size, devices=CPU_DEVICES)
 
 
 def batches(seed=0, n=STEPS * BATCH):
@@ -32,24 +38,24 @@ def batches(seed=0, n=STEPS * BATCH):
 
 
 def one_device_run(images, labels, masks):
-  state = train.create_train_state(LeNet("ours"), jax.random.key(0), 1.0)
+  state = new_state(LeNet("ours"), jax.random.key(0), 1.0)
   losses = []
   for i, mask in enumerate(masks):
     sl = slice(i * BATCH, (i + 1) * BATCH)
     x, y, m = jnp.asarray(images[sl]), jnp.asarray(labels[sl]), jnp.asarray(mask)
-    state, metrics = train.train_step(state, x[m], y[m]) if mask.all() else train.train_step(state, x, y, m)
+    state, metrics = step_fn(state, x[m], y[m]) if mask.all() else step_fn(state, x, y, m)
     losses.append(train.summarize(metrics)["loss"])
   return state, losses
 
 
 def mesh_run(mesh, images, labels, masks):
-  state = parallel.replicate(train.create_train_state(LeNet("ours", axis_name="data"), jax.random.key(0), 1.0), mesh)
-  step, losses = parallel.make_train_step(mesh), []
+  state = sync.replicate(new_state(LeNet("ours", axis_name=sync.DATA), jax.random.key(0), 1.0), mesh)
+  losses = []
   for i, mask in enumerate(masks):
-    idx = np.arange(i * BATCH, (i + 1) * BATCH)
-    state, metrics = step(state, *parallel.shard_batch(mesh, images, labels, idx, mask))
-    losses.append(train.summarize(parallel.to_host(metrics))["loss"])
-  return parallel.to_host(state), losses, step
+    sl = slice(i * BATCH, (i + 1) * BATCH)
+    state, metrics = step_fn(state, *sync.replicate((images[sl], labels[sl], mask), mesh), mesh=mesh)
+    losses.append(train.summarize(metrics)["loss"])
+  return sync.to_host(state), losses
 
 
 def masks_with_a_padded_last_batch():
@@ -62,7 +68,7 @@ def test_n_devices_give_the_one_device_numbers(devices):
   images, labels = batches()
   masks = masks_with_a_padded_last_batch()
   ref, ref_losses = one_device_run(images, labels, masks)
-  state, losses, _ = mesh_run(parallel.make_mesh(devices), images, labels, masks)
+  state, losses = mesh_run(make_mesh(devices), images, labels, masks)
   check = f"parallel: {devices} devices vs 1, {STEPS} steps"
   assert_close_and_record(
     check, (losses, state.params, state.batch_stats), (ref_losses, ref.params, ref.batch_stats), "trajectory"
@@ -72,32 +78,30 @@ def test_n_devices_give_the_one_device_numbers(devices):
 
 def test_one_all_reduce_per_bn_layer_in_the_forward_pass():
   images, labels = batches()
-  mesh = parallel.make_mesh(4)
-  *_, step = mesh_run(mesh, images, labels, [np.ones(BATCH, bool)])
-  state = parallel.replicate(train.create_train_state(LeNet("ours", axis_name="data"), jax.random.key(0), 1.0), mesh)
-  args = (state, *parallel.shard_batch(mesh, images, labels, np.arange(BATCH), np.ones(BATCH, bool)))
-  text = step.lower(*args).compile().as_text()
+  mesh = make_mesh(4)
+  state = sync.replicate(new_state(LeNet("ours", axis_name=sync.DATA), jax.random.key(0), 1.0), mesh)
+  args = (state, *sync.replicate((images[:BATCH], labels[:BATCH], np.ones(BATCH, bool)), mesh))
+  text = step_fn.lower(*args, mesh=mesh).compile().as_text()
   gathers = [line for line in text.splitlines() if " all-reduce(" in line and "f32[4,3," in line]
   assert len(gathers) == 4  # bn1..bn4: each shard's (count, mean, M2) in one collective
-  assert parallel.count_all_reduces(step, *args) <= 11  # + backward BN, gradients, metrics (see README)
+  assert sync.count_all_reduces(step_fn, *args, mesh=mesh) <= 11  # + backward BN, gradients, metrics (README)
 
 
 def test_bn_groups_normalize_each_group_by_its_own_statistics():
   images, labels = batches()
-  mesh = parallel.make_mesh(4, bn_group_size=2)
-  state, losses, _ = mesh_run(mesh, images[:BATCH], labels[:BATCH], [np.ones(BATCH, bool)])
+  mesh = make_mesh(4, bn_group_size=2)
+  state, losses = mesh_run(mesh, images[:BATCH], labels[:BATCH], [np.ones(BATCH, bool)])
   # Reference on one device: each half of the batch through its own BN statistics, one SGD step on the
   # mean loss over both halves, running statistics averaged over the halves.
-  ref = train.create_train_state(LeNet("ours"), jax.random.key(0), 1.0)
+  model = LeNet("ours")
+  ref = new_state(model, jax.random.key(0), 1.0)
   halves = jnp.asarray(train.as_float_images(images[:BATCH])).reshape(2, BATCH // 2, 28, 28, 1)
   ys = jnp.asarray(labels[:BATCH]).reshape(2, BATCH // 2)
 
   def loss(params):
     def half(x, y):
-      logits, upd = ref.apply_fn(
-        {"params": params, "batch_stats": ref.batch_stats}, x, train=True, mutable=["batch_stats"]
-      )
-      return train.cross_entropy(logits, y, None)[1], upd["batch_stats"]
+      logits, upd = model.apply({"params": params, "batch_stats": ref.batch_stats}, x, train=True, mutable=True)
+      return train.batch_loss_and_metrics(logits, y)[1]["loss_sum"], upd["batch_stats"]
 
     sums, stats = jax.vmap(half)(halves, ys)
     return jnp.sum(sums) / BATCH, jax.tree.map(lambda s: jnp.mean(s, 0), stats)
@@ -113,16 +117,16 @@ def test_bn_groups_normalize_each_group_by_its_own_statistics():
 
 
 def test_errors_before_any_work():
-  with pytest.raises(ValueError, match=r"--batch-size 66 \(the global batch\) is not divisible by the 4 devices"):
-    parallel.check_batch_size(parallel.make_mesh(4), 66)
-  with pytest.raises(ValueError, match=r"bn_group_size is 3, but it should divide the number of devices, 4"):
-    parallel.make_mesh(4, 3)
+  with pytest.raises(ValueError, match=r"the global batch size 66 is not divisible by the 4 devices"):
+    sync.check_divisible(make_mesh(4), 66)
+  with pytest.raises(ValueError, match=r"`bn_group_size` is 3, but it should divide the number of devices, 4"):
+    make_mesh(4, 3)
   with pytest.raises(
     ValueError,
-    match=r"--devices is 9, but this process has 4 local cpu device\(s\); on CPU, XLA_FLAGS=--xla_force_host_pl"
-    r"atform_device_count=9",
+    match=r"`devices_per_process` is 9, but this process has 4 local cpu device\(s\); on CPU, XLA_FLAGS=--xla_for"
+    r"ce_host_platform_device_count=9",
   ):
-    parallel.make_mesh(9)
+    make_mesh(9)
 
 
 # --- the CLI: one process with several devices, two processes ------------------------------------
@@ -149,7 +153,7 @@ def five_step_data(tmp_path):
 
 
 def checkpoint(run_dir):
-  raw = flax.serialization.msgpack_restore((Path(run_dir) / "ours" / "checkpoint.msgpack").read_bytes())
+  raw = read_checkpoint(Path(run_dir) / "ours" / "checkpoint.msgpack")
   return raw["state"], json.loads(raw["history"])
 
 
@@ -172,12 +176,9 @@ def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path, capsys
 @pytest.mark.parametrize(
   "extra,message",
   [
-    (
-      ["--devices", "4", "--batch-size", "66"],
-      r"error: --batch-size 66 \(the global batch\) is not divisible by the 4 devices",
-    ),
-    (["--devices", "4", "--api", "nnx"], r"error: --api nnx trains on one device"),
-    (["--devices", "2", "--bn", "ours-precise"], r"error: precise BN \(ours-precise\) runs on one device"),
+    (["--devices", "4", "--batch-size", "66"], r"error: --batch-size 66 is not divisible by the 4 devices"),
+    (["--devices", "9"], r"error: --devices is 9, but this process has 4 local cpu device"),
+    (["--devices", "4", "--bn-group-size", "3"], r"error: --bn-group-size is 3, but it should divide"),
   ],
 )
 def test_cli_refuses_what_it_cannot_do_before_any_work(five_step_data, tmp_path, extra, message):
@@ -237,7 +238,7 @@ def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
     assert code == 0, err[-2000:]
   assert "data parallel: 4 devices (1 BN group(s) of 4), 2 process(es)" in results[0][1]
   assert "test acc" in results[0][1] and results[1][1] == ""  # only process 0 prints
-  one_epoch_1 = flax.serialization.msgpack_restore((tmp_path / "one" / "ours" / "checkpoint.msgpack").read_bytes())
+  one_epoch_1 = read_checkpoint(tmp_path / "one" / "ours" / "checkpoint.msgpack")
   # Epoch 1 of the 2-process run against the one-device run's epoch 1 (its history), then resume to epoch 2.
   two, h2 = checkpoint(tmp_path / "two")
   _, h1 = checkpoint(tmp_path / "one")
@@ -284,3 +285,17 @@ def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert errors and ("no progress for 20 s" in errors[-1] or "a collective operation failed" in errors[-1]), err[-2000:]
   assert "Traceback" not in err
+
+
+def test_processes_started_with_different_settings_refuse_before_any_work(five_step_data, tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  coordinator, procs = f"127.0.0.1:{free_port()}", []
+  for i, seed in ((0, "0"), (1, "1")):
+    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(five_step_data, tmp_path / "o", "--seed", seed)]
+    cmd += ["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for code, _out, err in finish(procs, timeout=180):
+    assert code == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(r"error: process 1 of 2 runs with seed 1 \(process 0: 0\);", last), err[-1500:]
+  assert not (tmp_path / "o" / "ours" / "checkpoint.msgpack").exists()

@@ -8,7 +8,7 @@ import pytest
 from tolerance import assert_trees_close
 
 import bnjax
-from bnjax.models import LeNet, init_lenet
+from experiments.lenet_fmnist.models import LeNet, init_lenet
 
 
 class TwoLayer(nn.Module):
@@ -143,3 +143,27 @@ def test_the_precise_bn_figure_script(tmp_path, capsys):
   assert "| 0 precise BN | 0.850 | 0.860 | 0.50 |" in table and "| 0 running averages | 0.800 | 0.780 | 0.00 |" in table
   with pytest.raises(SystemExit):
     precise_figure.main(["--plain", runs[0], runs[1], "--precise", runs[1], "--out", str(tmp_path / "x")])
+
+
+def test_a_ghost_bn_layer_gets_the_pooled_within_group_variance_it_trains_with(rng):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      return bnjax.BatchNorm(use_running_average=not train, virtual_batch_size=4)(x)
+
+  net = Net()
+  batches = rng.normal(size=(3, 16, 5)).astype(np.float32) + np.arange(4).repeat(4)[None, :, None]
+  variables = net.init(jax.random.key(0), batches[0])
+  stats = bnjax.precise_batch_stats(net.apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
+  groups = batches.reshape(-1, 4, 5).astype(np.float64)  # every group of 4 of every batch
+  pooled = ((groups - groups.mean(1, keepdims=True)) ** 2).sum((0, 1)) / (groups.shape[0] * 4)
+  key = next(iter(stats))
+  assert_trees_close((stats[key]["mean"], stats[key]["var"]), (batches.reshape(-1, 5).mean(0), pooled))
+
+
+@pytest.mark.parametrize("num_batches", [-3, 0, 1.5, True])
+def test_num_batches_must_be_a_positive_int(num_batches):
+  model = LeNet("ours")
+  variables = init_lenet(model, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"`num_batches` is .*, but should be a positive int"):
+    bnjax.precise_batch_stats(model.apply, variables, jnp.zeros((2, 4, 28, 28, 1)), num_batches)

@@ -28,3 +28,11 @@ def test_the_preset_translates_pytorch_momentum_and_keeps_the_counter():
 def test_bad_values_are_named(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     bnjax.pytorch_preset(**kwargs)
+
+
+def test_numpy_scalars_are_numbers_too():
+  import numpy as np
+
+  preset = bnjax.pytorch_preset(np.float64(0.1), eps=np.float32(1e-3))
+  assert preset["momentum"] == pytest.approx(0.9) and type(preset["momentum"]) is float
+  assert preset["epsilon"] == pytest.approx(1e-3) and type(preset["epsilon"]) is float

@@ -28,6 +28,8 @@ def as_pattern(line: str) -> str:
   """A quoted output line with its numbers (and the arrays of gamma/beta) made variable."""
   pattern = re.escape(line.strip())
   pattern = re.sub(r"\\\[.*\\\]", r"\\[.*\\]", pattern)  # gamma/beta arrays
+  # The device is the machine's: "cpu:0" here, "cuda:0 (NVIDIA H200)" on a GPU.
+  pattern = re.sub(r"(on|device)\\ cpu:0", r"\1\\ \\w+:0(\\ \\(.*\\))?", pattern)
   pattern = re.sub(r"-?\d[\d,]*(\\\.\d+)?", r"-?[\\d,]+(\\.\\d+)?", pattern)
   return re.sub(r"(\\ )+", r"\\s+", pattern)  # column padding ("epoch  2/10") varies
 

@@ -8,17 +8,17 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import torch.nn.functional as F
 from tolerance import assert_close_and_record
 
 from bnjax import BatchNorm, batch_norm, init_batch_stats, pytorch_preset
-from bnjax.models import LeNet
-from bnjax.porting import batch_norm_from_torch, batch_norm_to_torch, lenet_from_torch
-from bnjax.train import TrainState, summarize, train_step
+from bnjax.porting import batch_norm_from_torch, batch_norm_to_torch
 from experiments import torch_lenet as chapter
+from experiments.lenet_fmnist.models import LeNet
+from experiments.lenet_fmnist.porting import lenet_from_torch
+from experiments.lenet_fmnist.train import create_train_state, linen_apply, summarize, train_step
 
 SEEDS = [0, 1, 2]
 SHAPES = [(32, 7), (16, 5, 6, 6)]  # (N, C) and (N, C, H, W), as in torch
@@ -211,9 +211,7 @@ def test_lenet_sgd_steps_match(variant):
   make_net, model = VARIANTS[variant]
   net = chapter.init_like_train_ch6(make_net(), seed=1).train()
   variables = lenet_from_torch(chapter.full_state_dict(net))
-  state = TrainState.create(
-    apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(1.0)
-  )
+  state = create_train_state(linen_apply(model), variables, 1.0)
   opt = torch.optim.SGD(net.parameters(), lr=1.0)
   step = jax.jit(train_step)
   for i in range(5):

@@ -1,4 +1,4 @@
-"""The jitted training loop: learning, determinism, loop drivers, evaluation."""
+"""The chapter's one training loop: learning, determinism, loop drivers, padding, evaluation, NNX."""
 
 import jax
 import jax.numpy as jnp
@@ -7,24 +7,30 @@ import pytest
 from conftest import make_fmnist_dir
 from tolerance import assert_trees_close
 
-from bnjax import data, train
-from bnjax.models import LeNet
+from experiments.lenet_fmnist import input_pipeline as data
+from experiments.lenet_fmnist import train
+from experiments.lenet_fmnist.models import LeNet, NNXLeNet, init_lenet
+from experiments.lenet_fmnist.train import Data
+
+
+def new_state(model, key, lr):
+  return train.create_train_state(train.linen_apply(model), init_lenet(model, key), lr)
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
   ds = data.load_idx_dir(make_fmnist_dir(tmp_path_factory.mktemp("d"), n_train=640, n_test=160), expect_full=False)
-  return tuple(jnp.asarray(a) for a in ds[:4])
+  return Data.put(*ds[:2]), Data.put(*ds[2:4])
 
 
 def run(small, loop, epochs=2, norm="ours", seed=0, lr=0.5):
-  train_x, train_y, test_x, test_y = small
-  state = train.create_train_state(LeNet(norm=norm), jax.random.key(seed), lr)
+  train_data, test_data = small
+  state = new_state(LeNet(norm=norm), jax.random.key(seed), lr)
   history = []
   for epoch in range(epochs):
-    state, m = train.train_epoch(state, train_x, train_y, jax.random.key(100 + epoch), 64, loop=loop, scan_chunk=3)
+    state, m = train.train_epoch(state, train_data, jax.random.key(100 + epoch), 64, loop=loop, scan_chunk=3)
     history.append(train.summarize(m))
-  return state, history, train.summarize(train.evaluate(state, test_x, test_y, batch_size=64))
+  return state, history, train.summarize(train.evaluate(state, test_data, batch_size=64))
 
 
 # The plain sigmoid LeNet needs many epochs before its loss moves at all (the chapter's point), so only
@@ -69,31 +75,31 @@ def test_scan_chunks_are_equal_when_a_divisor_allows():
 
 
 def test_every_example_is_seen_once_per_epoch(small):
-  train_x, train_y, _, _ = small
+  train_data, _ = small
   seen = []
-  state = train.create_train_state(LeNet(), jax.random.key(0), 0.1)
-  _, m = train.train_epoch(state, train_x, train_y, jax.random.key(0), 100, on_progress=seen.append)
+  state = new_state(LeNet(), jax.random.key(0), 0.1)
+  _, m = train.train_epoch(state, train_data, jax.random.key(0), 100, on_progress=seen.append)
   assert int(m["count"]) == 640 and sum(seen) == len(train.epoch_plan(640, 100))
 
 
 def test_training_updates_running_statistics_and_eval_uses_them(small):
-  train_x, train_y, test_x, test_y = small
-  state = train.create_train_state(LeNet(), jax.random.key(0), 0.1)
-  new, _ = train.train_epoch(state, train_x, train_y, jax.random.key(0), 64)
+  train_data, test_data = small
+  state = new_state(LeNet(), jax.random.key(0), 0.1)
+  new, _ = train.train_epoch(state, train_data, jax.random.key(0), 64)
   assert not np.allclose(new.batch_stats["bn1"]["mean"], 0.0)
   shifted = new.replace(batch_stats=jax.tree_util.tree_map(lambda v: v + 1.0, new.batch_stats))
-  assert train.summarize(train.evaluate(new, test_x, test_y))["loss"] != pytest.approx(
-    train.summarize(train.evaluate(shifted, test_x, test_y))["loss"]
+  assert train.summarize(train.evaluate(new, test_data))["loss"] != pytest.approx(
+    train.summarize(train.evaluate(shifted, test_data))["loss"]
   )
 
 
 def test_bad_arguments(small):
-  train_x, train_y, _, _ = small
-  state = train.create_train_state(LeNet(), jax.random.key(0), 0.1)
+  train_data, _ = small
+  state = new_state(LeNet(), jax.random.key(0), 0.1)
   with pytest.raises(ValueError, match=r"`loop` is 'while'"):
-    train.train_epoch(state, train_x, train_y, jax.random.key(0), 64, loop="while")
+    train.train_epoch(state, train_data, jax.random.key(0), 64, loop="while")
   with pytest.raises(ValueError, match=r"`batch_size` is 0"):
-    train.train_epoch(state, train_x, train_y, jax.random.key(0), 0)
+    train.train_epoch(state, train_data, jax.random.key(0), 0)
 
 
 def test_brief_training_on_the_real_fashion_mnist():
@@ -102,20 +108,18 @@ def test_brief_training_on_the_real_fashion_mnist():
   The chapter's first epoch ends near loss 0.75 / train acc 0.73; test accuracy after one epoch at lr 1.0
   still swings between seeds (0.64..0.74 seen), so the bound is well above chance (0.1), not tight.
   """
-  ds = data.load_fashion_mnist(data.DEBIAN_DIR, source="idx")
-  state = train.create_train_state(LeNet(), jax.random.key(0), 1.0)
-  state, m = train.train_epoch(
-    state, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), jax.random.key(1), 256
-  )
+  ds = data.load_fashion_mnist(source="idx")  # $BNJAX_DATA_DIR, else the Debian package's directory
+  state = new_state(LeNet(), jax.random.key(0), 1.0)
+  state, m = train.train_epoch(state, Data.put(*ds[:2]), jax.random.key(1), 256)
   tr = train.summarize(m)
-  test = train.summarize(train.evaluate(state, jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)))
+  test = train.summarize(train.evaluate(state, Data.put(*ds[2:4])))
   assert tr["loss"] < 1.0 and tr["acc"] > 0.65 and test["acc"] > 0.55, (tr, test)
 
 
 @pytest.mark.parametrize("norm", ["ours", "flax"])
 def test_a_padded_masked_batch_gives_the_numbers_of_the_unpadded_one(small, norm):
-  train_x, train_y, _, _ = small
-  state = train.create_train_state(LeNet(norm=norm), jax.random.key(0), 1.0)
+  train_x, train_y = small[0]
+  state = new_state(LeNet(norm=norm), jax.random.key(0), 1.0)
   real_x, real_y = train_x[:40], train_y[:40]
   padded_x = jnp.concatenate([real_x, train_x[100:124]])  # 24 other examples as padding
   padded_y = jnp.concatenate([real_y, train_y[100:124]])
@@ -131,11 +135,11 @@ def test_a_padded_masked_batch_gives_the_numbers_of_the_unpadded_one(small, norm
 
 def test_the_remainder_batch_is_trained_as_a_padded_batch(small):
   # 640 examples in batches of 96: six full batches, then 64 real examples padded to 96.
-  train_x, train_y, _, _ = small
+  train_x, train_y = small[0]
   key = jax.random.key(3)
-  got, m = train.train_epoch(train.create_train_state(LeNet(), jax.random.key(0), 0.5), train_x, train_y, key, 96)
+  got, m = train.train_epoch(new_state(LeNet(), jax.random.key(0), 0.5), small[0], key, 96)
   perm = jax.random.permutation(key, 640)
-  want = train.create_train_state(LeNet(), jax.random.key(0), 0.5)
+  want = new_state(LeNet(), jax.random.key(0), 0.5)
   for start, size in train.epoch_plan(640, 96):
     want, _ = jax.jit(train.train_step)(want, train_x[perm[start : start + size]], train_y[perm[start : start + size]])
   assert int(m["count"]) == 640
@@ -147,24 +151,41 @@ def test_uint8_images_train_exactly_like_their_float_pixels(tmp_path):
   floats, raw = (data.load_idx_dir(d, expect_full=False, pixels=p) for p in ("float32", "uint8"))
   results = []
   for ds in (floats, raw):
-    state = train.create_train_state(LeNet(), jax.random.key(0), 1.0)
-    state, m = train.train_epoch(
-      state, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels), jax.random.key(1), 64
-    )
-    results.append(
-      (
-        state.params,
-        state.batch_stats,
-        m,
-        train.evaluate(state, jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)),
-      )
-    )
+    state = new_state(LeNet(), jax.random.key(0), 1.0)
+    state, m = train.train_epoch(state, Data.put(*ds[:2]), jax.random.key(1), 64)
+    results.append((state.params, state.batch_stats, m, train.evaluate(state, Data.put(*ds[2:4]))))
   np.testing.assert_equal(jax.device_get(results[0]), jax.device_get(results[1]))
 
 
 def test_evaluation_pads_a_last_partial_batch(small):
-  _, _, test_x, test_y = small  # 160 examples
-  state = train.create_train_state(LeNet(), jax.random.key(0), 0.5)
-  whole = train.summarize(train.evaluate(state, test_x, test_y, batch_size=160))
-  assert int(train.evaluate(state, test_x, test_y, batch_size=64)["count"]) == 160
-  assert train.summarize(train.evaluate(state, test_x, test_y, batch_size=64)) == pytest.approx(whole, rel=1e-5)
+  test_data = small[1]  # 160 examples
+  state = new_state(LeNet(), jax.random.key(0), 0.5)
+  whole = train.summarize(train.evaluate(state, test_data, batch_size=160))
+  assert int(train.evaluate(state, test_data, batch_size=64)["count"]) == 160
+  assert train.summarize(train.evaluate(state, test_data, batch_size=64)) == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax", "none"])
+def test_an_nnx_model_trains_in_the_same_loop_with_the_linen_numbers(small, norm):
+  from flax import nnx
+
+  linen = LeNet(norm=norm)
+  variables = init_lenet(linen, jax.random.key(0))
+  results = []
+  for apply in (train.linen_apply(linen), train.nnx_apply(NNXLeNet(norm, rngs=nnx.Rngs(0)))):
+    state = train.create_train_state(apply, jax.tree.map(jnp.copy, variables), 0.5)  # the loop donates its state
+    state, m = train.train_epoch(state, small[0], jax.random.key(1), 96)  # a padded remainder batch too
+    results.append((state.params, state.batch_stats, m, train.evaluate(state, small[1], batch_size=64)))
+  np.testing.assert_equal(jax.device_get(results[1]), jax.device_get(results[0]))
+
+
+def test_the_batch_loss_is_the_mean_over_real_examples_and_metrics_are_sums():
+  logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [5.0, 0.0]])
+  labels = jnp.array([0, 0, 1])
+  loss, m = train.batch_loss_and_metrics(logits, labels, jnp.array([True, True, False]))
+  per_example = -jax.nn.log_softmax(logits)[jnp.arange(3), labels]
+  assert int(m["count"]) == 2 and int(m["correct"]) == 1
+  assert_trees_close((loss, m["loss_sum"]), (per_example[:2].mean(), per_example[:2].sum()))
+  loss_all, m_all = train.batch_loss_and_metrics(logits, labels)
+  assert int(m_all["count"]) == 3 and int(m_all["correct"]) == 1
+  assert_trees_close(loss_all, per_example.mean())

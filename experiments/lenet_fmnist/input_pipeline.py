@@ -1,4 +1,4 @@
-"""Fashion-MNIST: the original IDX files from a local directory, or tensorflow-datasets.
+"""The chapter's input pipeline: Fashion-MNIST from the original IDX files, or tensorflow-datasets.
 
 Where the data come from, in order (``load_fashion_mnist(source="auto")``):
 
@@ -7,7 +7,10 @@ Where the data come from, in order (``load_fashion_mnist(source="auto")``):
    tensorflow-datasets cannot use those files: the package recompresses the ``.gz`` files, so
    their checksums differ from the ones tfds registers, although the content is the real data set;
 2. tensorflow-datasets, when it has the data prepared (``$TFDS_DATA_DIR`` or
-   ``~/tensorflow_datasets``) or, with ``source="tfds"``, can download them.
+   ``~/tensorflow_datasets``) or, with ``source="tfds"``, can download them. It is read through
+   ``tfds.data_source`` (random access, no TensorFlow needed).
+
+When none has it, the error names every place it looked.
 
 Everything read is validated (magic numbers, dimensions, counts, label range) before anything is
 returned, so a missing, truncated or corrupted file gives one :class:`DataError` that names the file
@@ -127,8 +130,9 @@ PIXELS = ("float32", "uint8")
 def scale_pixels(images: np.ndarray, pixels: str) -> np.ndarray:
   """uint8 [N, 28, 28] -> NHWC ``[N, 28, 28, 1]``: float32 in [0, 1] (``x / 255``), or the raw uint8.
 
-  uint8 keeps a quarter of the memory; :mod:`bnjax.train` scales uint8 batches the same way on the
-  device. The float32 division is done in place: a second 188 MB temporary costs more than the math.
+  uint8 keeps a quarter of the memory; the training step (``train.as_float_images``) scales uint8
+  batches the same way on the device. The float32 division is done in place: a second 188 MB temporary
+  costs more than the math.
   """
   if pixels not in PIXELS:
     raise ValueError(f"`pixels` is {pixels!r}, but should be one of {PIXELS}.")
@@ -169,22 +173,44 @@ def load_idx_dir(directory: str | os.PathLike, *, expect_full: bool = True, pixe
   return FashionMNIST(**arrays, source=f"IDX files in {directory}")
 
 
+def _tfds_split(source) -> tuple[np.ndarray, np.ndarray]:
+  """All ``(images [N, 28, 28] uint8, labels [N] int32)`` of a tfds random-access data source."""
+  n = len(source)
+  images, labels = np.empty((n, ROWS, COLS), np.uint8), np.empty((n,), np.int32)
+  for i in range(n):  # element by element: tfds' mocked sources have no batched __getitems__
+    record = source[i]
+    images[i] = np.asarray(record["image"], np.uint8).reshape(ROWS, COLS)
+    labels[i] = int(record["label"])
+  if n and labels.max() >= NUM_CLASSES:
+    raise DataError(f"tensorflow-datasets' fashion_mnist holds label {int(labels.max())}, but labels are 0..9.")
+  return images, labels
+
+
 def load_tfds(data_dir: str | None = None, download: bool = False, pixels: str = "float32") -> FashionMNIST:
-  """Loads Fashion-MNIST through tensorflow-datasets (needs TensorFlow for ``as_dataset``)."""
+  """Loads Fashion-MNIST through tensorflow-datasets' random-access ``tfds.data_source`` (no TensorFlow needed).
+
+  ``data_dir`` is a TFDS data directory (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
+  ``download=True`` lets tfds download and prepare the data set there first.
+  """
+  if pixels not in PIXELS:
+    raise ValueError(f"`pixels` is {pixels!r}, but should be one of {PIXELS}.")
   try:
     import tensorflow_datasets as tfds
 
-    splits = tfds.load(
-      "fashion_mnist", split=["train", "test"], batch_size=-1, as_supervised=True, data_dir=data_dir, download=download
-    )
-    (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
-  except Exception as e:  # tfds raises many types: missing TF, missing data, failed download
-    raise DataError(f"tensorflow-datasets could not load fashion_mnist ({type(e).__name__}: {e}). {HOW_TO_GET}") from e
+    splits = tfds.data_source("fashion_mnist", split=["train", "test"], data_dir=data_dir, download=download)
+    (train_x, train_y), (test_x, test_y) = (_tfds_split(s) for s in splits)
+  except DataError:
+    raise
+  except Exception as e:  # tfds raises many types: not installed, data not prepared, failed download
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise DataError(
+      f"tensorflow-datasets could not load fashion_mnist ({type(e).__name__}: {first}). {HOW_TO_GET}"
+    ) from e
   return FashionMNIST(
-    train_images=scale_pixels(np.asarray(train_x, np.uint8).reshape(-1, ROWS, COLS), pixels),
-    train_labels=train_y.astype(np.int32),
-    test_images=scale_pixels(np.asarray(test_x, np.uint8).reshape(-1, ROWS, COLS), pixels),
-    test_labels=test_y.astype(np.int32),
+    train_images=scale_pixels(train_x, pixels),
+    train_labels=train_y,
+    test_images=scale_pixels(test_x, pixels),
+    test_labels=test_y,
     source="tensorflow-datasets",
   )
 
@@ -194,6 +220,9 @@ def _tfds_prepared(data_dir: str | None) -> bool:
   return any((root / "fashion_mnist").glob("*/dataset_info.json"))
 
 
+SOURCES = ("auto", "idx", "tfds")
+
+
 def load_fashion_mnist(
   data_dir: str | os.PathLike | None = None, *, source: str = "auto", expect_full: bool = True, pixels: str = "float32"
 ) -> FashionMNIST:
@@ -201,17 +230,24 @@ def load_fashion_mnist(
 
   Args:
     data_dir: a directory of IDX files (``source`` "auto"/"idx") or a TFDS data_dir ("tfds").
-    source: "auto", "idx" or "tfds".
+    source: "auto", "idx" or "tfds" ("tfds" downloads the data set when it is not prepared).
     expect_full: with IDX files, require the full 60000/10000 examples.
     pixels: "float32" (in [0, 1]) or "uint8" (raw, a quarter of the memory), see :func:`scale_pixels`.
   """
-  if source not in ("auto", "idx", "tfds"):
-    raise ValueError(f"`source` is {source!r}, but should be 'auto', 'idx' or 'tfds'.")
+  if source not in SOURCES:
+    raise ValueError(f"`source` is {source!r}, but should be one of {SOURCES}.")
   if source == "tfds":
     return load_tfds(None if data_dir is None else str(data_dir), download=True, pixels=pixels)
   directory = data_dir or os.environ.get(ENV_VAR)
   if directory is not None or source == "idx":
     return load_idx_dir(directory or DEBIAN_DIR, expect_full=expect_full, pixels=pixels)
-  if (DEBIAN_DIR / (FILES["train_images"] + ".gz")).is_file() or not _tfds_prepared(None):
+  if (DEBIAN_DIR / (FILES["train_images"] + ".gz")).is_file():
     return load_idx_dir(DEBIAN_DIR, expect_full=expect_full, pixels=pixels)
-  return load_tfds(pixels=pixels)
+  if _tfds_prepared(None):
+    return load_tfds(pixels=pixels)
+  raise DataError(
+    f"Fashion-MNIST was found nowhere: no data directory was given (--data-dir, ${ENV_VAR}), the Debian "
+    f"package's IDX files are not in {DEBIAN_DIR}, and tensorflow-datasets has not prepared fashion_mnist "
+    "(in $TFDS_DATA_DIR or ~/tensorflow_datasets). " + HOW_TO_GET + " Or let tensorflow-datasets download it "
+    "(--data-source tfds; needs the network)."
+  )

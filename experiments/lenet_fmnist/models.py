@@ -5,24 +5,41 @@
 
 Inputs are NHWC (N, 28, 28, 1) images. Weights use Xavier-uniform initialization, as the chapter's
 ``train_ch6`` does; biases start at zero (PyTorch would draw them from a small uniform).
+
+Precision policy: the convolutions and matmuls run at ``precision="highest"`` (true float32) unless
+told otherwise. XLA's default on GPUs and TPUs is TF32 or bf16 passes for float32 operands, which moves
+LeNet's logits by ~1e-3 relative to the CPU and to PyTorch's float32 matmuls; LeNet's arithmetic is
+tiny, so exact float32 costs little. ``"default"`` and ``"high"`` are jax's ``Precision`` names, for
+speed where it matters more than agreement (on CPU all three compute the same).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax.conv import Conv, NNXConv
-from bnjax.folding import fold_batch_norm
-from bnjax.linen import BatchNorm
+from bnjax import BatchNorm, fold_batch_norm
 from bnjax.nnx import BatchNorm as NNXBatchNorm
+from experiments.lenet_fmnist.conv import Conv, NNXConv
 
 NORMS = ("ours", "flax", "none")
+PRECISIONS = ("default", "high", "highest")
 # The chapter's hyper-parameters: BatchNorm(..., eps=1e-5, momentum=0.9).
 CHAPTER_MOMENTUM = 0.9
 CHAPTER_EPSILON = 1e-5
+
+
+XAVIER = nn.initializers.xavier_uniform()
+
+
+def check_precision(precision: str) -> str:
+  if precision not in PRECISIONS:
+    raise ValueError(f"`precision` is {precision!r}, but should be one of {PRECISIONS}.")
+  return precision
 
 
 class LeNet(nn.Module):
@@ -33,9 +50,11 @@ class LeNet(nn.Module):
     num_classes: size of the output layer.
     unbiased_running_var: with ``norm="ours"``, update running variances as PyTorch does (for
       porting ``nn.BatchNorm2d/1d`` models exactly).
-    conv_impl: how convolutions are computed, see :class:`bnjax.conv.Conv` (same parameters either way).
+    conv_impl: how convolutions are computed, see :class:`~experiments.lenet_fmnist.conv.Conv` (same
+      parameters either way).
     axis_name: the mapped axis over which the BN layers combine batch statistics (data-parallel
-      training, :mod:`bnjax.parallel`); None on one device.
+      training, ``bnjax.sync.DATA``); None on one device.
+    precision: of the convolutions and matmuls, one of :data:`PRECISIONS` (see the module docstring).
   """
 
   norm: str = "ours"
@@ -43,12 +62,14 @@ class LeNet(nn.Module):
   unbiased_running_var: bool = False
   conv_impl: str = "auto"
   axis_name: str | None = None
+  precision: str = "highest"
 
   def setup(self):
     if self.norm not in NORMS:
       raise ValueError(f"`norm` is {self.norm!r}, but should be one of {NORMS}.")
     if self.unbiased_running_var and self.norm != "ours":
       raise ValueError(f"`unbiased_running_var=True` needs norm='ours', but `norm` is {self.norm!r}.")
+    check_precision(self.precision)
 
   def _norm(self, x, train: bool, name: str, mask):
     if self.norm == "none":
@@ -74,15 +95,16 @@ class LeNet(nn.Module):
       raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
     if mask is not None and tuple(mask.shape) != (x.shape[0],):
       raise ValueError(f"`mask` has shape {tuple(mask.shape)}, but should be ({x.shape[0]},): one flag per example.")
-    kernel_init = nn.initializers.xavier_uniform()
-    x = Conv(6, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv1")(x)
+    conv = functools.partial(Conv, kernel_init=XAVIER, impl=self.conv_impl, precision=self.precision)
+    dense = functools.partial(nn.Dense, kernel_init=XAVIER, precision=self.precision)
+    x = conv(6, (5, 5), name="conv1")(x)
     x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn1", mask)), (2, 2), (2, 2))
-    x = Conv(16, (5, 5), kernel_init=kernel_init, impl=self.conv_impl, name="conv2")(x)
+    x = conv(16, (5, 5), name="conv2")(x)
     x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn2", mask)), (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)  # NHWC flatten: (h, w, c) order, unlike PyTorch's (c, h, w)
-    x = nn.sigmoid(self._norm(nn.Dense(120, kernel_init=kernel_init, name="fc1")(x), train, "bn3", mask))
-    x = nn.sigmoid(self._norm(nn.Dense(84, kernel_init=kernel_init, name="fc2")(x), train, "bn4", mask))
-    return nn.Dense(self.num_classes, kernel_init=kernel_init, name="fc3")(x)
+    x = nn.sigmoid(self._norm(dense(120, name="fc1")(x), train, "bn3", mask))
+    x = nn.sigmoid(self._norm(dense(84, name="fc2")(x), train, "bn4", mask))
+    return dense(self.num_classes, name="fc3")(x)
 
 
 # Which BN layer follows which conv/dense layer in LeNet.
@@ -108,8 +130,11 @@ def fold_lenet(variables: dict, epsilon: float = CHAPTER_EPSILON) -> dict:
 
 
 def init_lenet(model: LeNet, key: jax.Array, batch_size: int = 2) -> dict:
-  """Returns the model's variables (``params`` and, with a norm, ``batch_stats``)."""
-  return model.init(key, jnp.zeros((batch_size, 28, 28, 1), jnp.float32), train=False)
+  """Returns the model's variables (``params`` and, with a norm, ``batch_stats``).
+
+  ``init`` runs jitted: one compiled program (cacheable) instead of dozens of op-by-op dispatches.
+  """
+  return jax.jit(lambda key: model.init(key, jnp.zeros((batch_size, 28, 28, 1), jnp.float32), train=False))(key)
 
 
 class NNXLeNet(nnx.Module):
@@ -120,16 +145,27 @@ class NNXLeNet(nnx.Module):
   module and :class:`LeNet`'s ``{"params", "batch_stats"}``.
   """
 
-  def __init__(self, norm: str = "ours", *, num_classes: int = 10, conv_impl: str = "auto", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    norm: str = "ours",
+    *,
+    num_classes: int = 10,
+    conv_impl: str = "auto",
+    precision: str = "highest",
+    axis_name: str | None = None,
+    rngs: nnx.Rngs,
+  ):
     if norm not in NORMS:
       raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
-    init = nn.initializers.xavier_uniform()
-    self.norm = norm
-    self.conv1 = NNXConv(1, 6, (5, 5), kernel_init=init, impl=conv_impl, rngs=rngs)
-    self.conv2 = NNXConv(6, 16, (5, 5), kernel_init=init, impl=conv_impl, rngs=rngs)
-    self.fc1 = nnx.Linear(256, 120, kernel_init=init, rngs=rngs)
-    self.fc2 = nnx.Linear(120, 84, kernel_init=init, rngs=rngs)
-    self.fc3 = nnx.Linear(84, num_classes, kernel_init=init, rngs=rngs)
+    check_precision(precision)
+    self.norm, self.axis_name = norm, axis_name
+    conv = functools.partial(NNXConv, kernel_init=XAVIER, impl=conv_impl, precision=precision, rngs=rngs)
+    linear = functools.partial(nnx.Linear, kernel_init=XAVIER, precision=precision, rngs=rngs)
+    self.conv1 = conv(1, 6, (5, 5))
+    self.conv2 = conv(6, 16, (5, 5))
+    self.fc1 = linear(256, 120)
+    self.fc2 = linear(120, 84)
+    self.fc3 = linear(84, num_classes)
     for name, features in (("bn1", 6), ("bn2", 16), ("bn3", 120), ("bn4", 84)):
       setattr(self, name, self._make_norm(features, rngs))
 
@@ -137,7 +173,7 @@ class NNXLeNet(nnx.Module):
     if self.norm == "none":
       return nnx.data(None)
     cls = NNXBatchNorm if self.norm == "ours" else nnx.BatchNorm
-    return cls(features, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, rngs=rngs)
+    return cls(features, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, axis_name=self.axis_name, rngs=rngs)
 
   def _norm(self, bn, x, mask):
     if bn is None:

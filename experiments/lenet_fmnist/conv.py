@@ -24,20 +24,24 @@ IMPLS = ("auto", "xla", "im2col")
 _LECUN_NORMAL = nn.initializers.lecun_normal()  # flax.linen.Conv's default kernel initializer
 
 
-def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
-  """Stride-1 'VALID' convolution of NHWC ``x`` with an HWIO ``kernel``."""
+def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "auto", precision: str | None = None) -> jax.Array:
+  """Stride-1 'VALID' convolution of NHWC ``x`` with an HWIO ``kernel`` (``precision``: jax's name, or None)."""
   if impl not in IMPLS:
     raise ValueError(f"`impl` is {impl!r}, but should be one of {IMPLS}.")
   if impl == "auto":
     impl = "im2col" if jax.default_backend() == "cpu" else "xla"
   if impl == "xla":
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+      x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
   kh, kw, cin, cout = kernel.shape
   n, h, w, _ = x.shape
   ho, wo = h - kh + 1, w - kw + 1
   # Patch features ordered (kh, kw, cin), matching the HWIO kernel's row-major reshape.
   patches = jnp.concatenate([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-  out = patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+  out = jnp.matmul(
+    patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision=precision
+  )
   return out.reshape(n, ho, wo, cout)
 
 
@@ -50,6 +54,7 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   impl: str = "auto"
+  precision: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,7 +62,7 @@ class Conv(nn.Module):
       raise ValueError(f"Conv expects NHWC input of rank 4, but got shape {tuple(x.shape)}.")
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
-    y = conv2d_valid(x, kernel.astype(x.dtype), self.impl)
+    y = conv2d_valid(x, kernel.astype(x.dtype), self.impl, self.precision)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     return y
@@ -76,15 +81,16 @@ class NNXConv(nnx.Module):
     kernel_init: Callable = _LECUN_NORMAL,
     bias_init: Callable = nn.initializers.zeros,
     impl: str = "auto",
+    precision: str | None = None,
     rngs: nnx.Rngs,
   ):
     kh, kw = kernel_size
     self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_features, features), jnp.float32))
     self.bias = nnx.Param(bias_init(rngs.params(), (features,), jnp.float32)) if use_bias else nnx.data(None)
-    self.impl = impl
+    self.impl, self.precision = impl, precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"Conv expects NHWC input of rank 4, but got shape {tuple(x.shape)}.")
-    y = conv2d_valid(x, self.kernel[...].astype(x.dtype), self.impl)
+    y = conv2d_valid(x, self.kernel[...].astype(x.dtype), self.impl, self.precision)
     return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -1,0 +1,3 @@
+from experiments.lenet_fmnist.main import main
+
+main()

@@ -1,0 +1,140 @@
+"""The command line of ``python -m experiments.lenet_fmnist``: flags, their checks, one ``error:`` line each.
+
+Nothing here imports jax, so ``--help`` and a bad flag answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+DESCRIPTION = 'Reproduce D2L\'s "Batch Normalization" chapter: LeNet + BatchNorm on Fashion-MNIST.'
+NORMS = ("ours", "flax", "none")  # models.NORMS, repeated so --help needs no jax import
+PRECISIONS = ("default", "high", "highest")  # models.PRECISIONS, likewise
+# A variant is a norm, or ours with its statistics recomputed by precise BN before every evaluation.
+VARIANTS = (*NORMS, "ours-precise")
+DEFAULT_PRECISE_BATCHES = 100  # for the ours-precise variant when --precise-bn is not given
+MAX_SEED = 2**32 - 1
+
+
+def default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+  return os.environ.get("BNJAX_COMPILE_CACHE") or str(Path(base) / "bnjax" / "xla")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m experiments.lenet_fmnist", description=DESCRIPTION)
+  p.add_argument(
+    "--bn",
+    choices=[*VARIANTS, "all"],
+    default="ours",
+    help="normalization: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none, ours-precise (ours + "
+    f"precise BN, --precise-bn N or {DEFAULT_PRECISE_BATCHES} batches), or all four",
+  )
+  p.add_argument("--epochs", type=int, default=10)
+  p.add_argument("--lr", type=float, default=1.0)
+  p.add_argument("--batch-size", type=int, default=256)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--precise-bn",
+    type=int,
+    default=0,
+    metavar="N",
+    help="before every evaluation, recompute the BN statistics from N training batches (bnjax.precise_batch_stats)",
+  )
+  p.add_argument(
+    "--data-source",
+    choices=("auto", "idx", "tfds"),
+    default="auto",
+    help="where Fashion-MNIST comes from: IDX files, tensorflow-datasets (downloads when not prepared), or "
+    "auto (IDX files when found, else a prepared tfds copy)",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    help="directory of Fashion-MNIST IDX files (default: $BNJAX_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
+  )
+  p.add_argument("--out", default="runs/lenet_fmnist", help="where metrics, plots and checkpoints go")
+  p.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in --out")
+  p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
+  p.add_argument(
+    "--api",
+    choices=("linen", "nnx"),
+    default="linen",
+    help="Flax API of the model: linen (LeNet) or nnx (NNXLeNet); the same loop, the same numbers",
+  )
+  p.add_argument("--loop", choices=("auto", "step", "scan"), default="auto", help="epoch loop driver (see train.py)")
+  p.add_argument(
+    "--conv-impl", choices=("auto", "xla", "im2col"), default="auto", help="see experiments/lenet_fmnist/conv.py"
+  )
+  p.add_argument(
+    "--precision",
+    choices=PRECISIONS,
+    default="highest",
+    help="of LeNet's float32 convolutions and matmuls: highest (true float32, the default), high or default "
+    "(XLA's choice: TF32 on NVIDIA GPUs); the same on CPU",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+  p.add_argument(
+    "--compile-cache",
+    default=default_cache_dir(),
+    metavar="DIR",
+    help="persistent compilation cache (default: %(default)s)",
+  )
+  p.add_argument("--no-compile-cache", action="store_true", help="compile from scratch, do not read or write the cache")
+  p.add_argument(
+    "--allow-partial-data",
+    action="store_true",
+    help="accept IDX files with fewer than 60000/10000 examples (subsets, test fixtures)",
+  )
+  dist = p.add_argument_group("more devices, more hosts (bnjax.sync)")
+  dist.add_argument("--devices", type=int, default=None, metavar="N", help="local devices to train on (default: all)")
+  dist.add_argument(
+    "--bn-group-size",
+    type=int,
+    default=None,
+    metavar="G",
+    help="synchronize BN within groups of G devices (default: all)",
+  )
+  dist.add_argument(
+    "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, for several processes"
+  )
+  dist.add_argument("--num-processes", type=int, default=1, metavar="P", help="number of processes (default 1)")
+  dist.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's index in [0, P)")
+  dist.add_argument(
+    "--timeout",
+    type=float,
+    default=120.0,
+    metavar="S",
+    help="with several processes: seconds to wait for the others to join, and for any step to finish (default 120)",
+  )
+  args = p.parse_args(argv)
+  if args.devices is not None and args.devices < 1:
+    p.error(f"--devices is {args.devices}, but should be at least 1")
+  if args.bn_group_size is not None and args.bn_group_size < 1:
+    p.error(f"--bn-group-size is {args.bn_group_size}, but should be at least 1")
+  if args.num_processes < 1:
+    p.error(f"--num-processes is {args.num_processes}, but should be at least 1")
+  if args.num_processes > 1 and not args.coordinator:
+    p.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address)")
+  if args.coordinator and args.num_processes < 2:
+    p.error("--coordinator is given, but --num-processes is 1: say how many processes join")
+  if not 0 <= args.process_id < args.num_processes:
+    p.error(f"--process-id is {args.process_id}, but should lie in [0, {args.num_processes - 1}] (--num-processes)")
+  if not (math.isfinite(args.timeout) and args.timeout > 0):
+    p.error(f"--timeout is {args.timeout}, but should be a positive number of seconds")
+  if args.epochs < 1:
+    p.error(f"--epochs is {args.epochs}, but should be at least 1")
+  if args.batch_size < 2:
+    p.error(f"--batch-size is {args.batch_size}, but batch statistics need at least 2 examples per batch")
+  if not (math.isfinite(args.lr) and args.lr > 0):
+    p.error(f"--lr is {args.lr}, but should be a positive finite number")
+  if not 0 <= args.seed <= MAX_SEED:
+    p.error(f"--seed is {args.seed}, but should lie in [0, {MAX_SEED}]")
+  if args.precise_bn < 0:
+    p.error(f"--precise-bn is {args.precise_bn}, but should be >= 0 (0: off)")
+  if args.resume and args.overwrite:
+    p.error("--resume and --overwrite contradict each other: choose one")
+  return args

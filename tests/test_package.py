@@ -1,0 +1,35 @@
+"""The library is light: importing it pulls in none of the experiment's or the tests' packages."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("optax", "tensorflow_datasets", "tensorflow", "matplotlib", "tqdm", "torch", "experiments")
+
+
+def test_importing_every_library_module_imports_no_experiment_dependency():
+  code = (
+    "import sys, bnjax, bnjax.nnx, bnjax.sync, bnjax.porting, bnjax.precise, bnjax.folding, bnjax.presets; "
+    f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]", out
+
+
+def test_the_library_declares_jax_flax_numpy_only_and_the_rest_as_extras():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  names = {d.split(">")[0].split("=")[0].split("[")[0] for d in project["dependencies"]}
+  assert names == {"jax", "flax", "numpy"}
+  extras = project["optional-dependencies"]
+  assert {"optax", "tensorflow-datasets", "matplotlib", "tqdm"} <= {d.split(">")[0] for d in extras["experiments"]}
+  assert "torch==2.13.0" in extras["test"]  # the CPU wheel: a bare torch pulls a multi-GB CUDA build
+  assert project["license"] == "Apache-2.0" and (ROOT / "LICENSE").is_file() and (ROOT / "bnjax" / "py.typed").is_file()
+
+
+def test_no_library_module_imports_the_experiment():
+  for path in (ROOT / "bnjax").glob("*.py"):
+    text = path.read_text()
+    assert "import experiments" not in text and "from experiments" not in text, path
