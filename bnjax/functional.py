@@ -433,6 +433,8 @@ def normalize_by_batch(
       # A feature with no valid example anywhere has no statistics: its xhat is defined as 0 (y = bias),
       # and, with k = scale * r = 0, no gradient flows to its inputs.
       r = jnp.where(count > 0, r, 0.0)
+    if mask is not None:  # padding (even NaN or inf) is replaced before it can reach outputs or gradients
+      x = jnp.where(mask, x, 0.0)
     xhat = (x - per_feature(mean)) * per_feature(r)
     return xhat * per_feature(scale) + per_feature(bias), mean, var, count, xhat, r
 
@@ -453,14 +455,18 @@ def normalize_by_batch(
     dy = dy + per_feature(k) * dx + per_feature(-k * dmean) + xhat * per_feature(-k * xhat_dx)
     # d E[|x - mean|^2] = 2 re E[conj(x - mean) dx], and x - mean = xhat * sqrt(var + epsilon).
     dvar = 2.0 * xhat_dx * jnp.sqrt(var + epsilon)
+    if mask is not None:  # masked outputs are placeholders: no gradient flows through them
+      dy = jnp.where(mask, dy, 0.0)
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
 
   return normalize(x, scale, bias)
 
 
-def _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name):
-  """Static checks of the variant options (frozen, ghost, renormalized BN)."""
-  for name, value in (("update_stats", update_stats), ("renorm", renorm)):
+def _check_options(
+  update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name, skip_nonfinite=False
+):
+  """Static checks of the variant options (frozen, ghost, renormalized BN, the non-finite guard)."""
+  for name, value in (("update_stats", update_stats), ("renorm", renorm), ("skip_nonfinite", skip_nonfinite)):
     if not isinstance(value, bool | np.bool_):
       raise TypeError(f"`{name}` is {value!r} ({type(value).__name__}), but should be a Python bool.")
   if virtual_batch_size is not None:
@@ -511,6 +517,7 @@ PASSED_OPTIONS = (
   "renorm_clipping",
   "renorm_momentum",
   "track_num_batches",
+  "skip_nonfinite",
 )
 
 
@@ -646,12 +653,25 @@ def renorm_correction(y, mean, var, count, stats, scale, bias, epsilon, clipping
 
 
 def update_running_stats(
-  stats: BatchStats, mean, var, running_var, count, *, momentum, epsilon, renorm, renorm_momentum, masked: bool
+  stats: BatchStats,
+  mean,
+  var,
+  running_var,
+  count,
+  *,
+  momentum,
+  epsilon,
+  renorm,
+  renorm_momentum,
+  masked: bool,
+  skip_nonfinite: bool = False,
 ) -> BatchStats:
   """The running statistics after one training batch (its per-feature statistics, without gradient).
 
   ``momentum=None`` is the cumulative average (the ``n``-th batch weighs ``1/n``). With a mask, a
   feature with no valid example keeps its statistics, and a batch with none at all is not counted.
+  With ``skip_nonfinite``, a feature whose batch mean or variance is not finite keeps its statistics
+  too, and a batch in which no feature is finite is not counted.
   """
   mean, var, running_var = (lax.stop_gradient(v) for v in (mean, var, running_var))
   n = stats.num_batches_tracked
@@ -665,11 +685,13 @@ def update_running_stats(
       renorm_mean=ema(stats.renorm_mean, mean, renorm_momentum),
       renorm_std=ema(stats.renorm_std, jnp.sqrt(var + epsilon), renorm_momentum),
     )
-  if not masked:
+  if not masked and not skip_nonfinite:
     return new if n is None else new._replace(num_batches_tracked=n + 1)
-  seen = count > 0  # no valid example for a feature: nothing to learn, keep its statistics
-  new = _where_stats(seen, new, stats)
-  return new if n is None else new._replace(num_batches_tracked=n + jnp.any(seen).astype(n.dtype))
+  learned = count > 0  # no valid example for a feature: nothing to learn, keep its statistics
+  if skip_nonfinite:
+    learned = learned & jnp.isfinite(mean) & jnp.isfinite(running_var)
+  new = _where_stats(learned, new, stats)
+  return new if n is None else new._replace(num_batches_tracked=n + jnp.any(learned).astype(n.dtype))
 
 
 def batch_norm(
@@ -695,6 +717,7 @@ def batch_norm(
   renorm_clipping: tuple[Any, Any] | None = None,
   renorm_momentum: float | jax.Array = 0.99,
   track_num_batches: bool = False,
+  skip_nonfinite: bool = False,
 ) -> tuple[jax.Array, BatchStats | None]:
   """Batch-normalizes ``x`` and returns ``(y, new_stats)``.
 
@@ -721,8 +744,9 @@ def batch_norm(
       (a fully masked shard adds nothing).
     axis_index_groups: subgroups of ``axis_name`` to combine separately.
     mask: boolean array broadcastable to ``x``; False entries (e.g. padded
-      examples) are left out of the batch statistics. Outputs at masked positions are ``bias``, and
-      masked values (even NaN or inf) reach no output and no gradient. A feature with no valid
+      examples) are left out of the batch statistics. In training mode, masked values (even NaN or
+      inf) reach no valid output and no gradient: outputs at masked positions are finite
+      placeholders that carry no gradient. Evaluation ignores the mask. A feature with no valid
       entry at all (over every shard) keeps its running statistics unchanged, and its output in that
       call is ``bias`` (``xhat = 0``) with no gradient to ``x``.
     use_fast_variance: opt in to ``E[x^2] - E[x]^2`` in one pass; it loses
@@ -757,6 +781,11 @@ def batch_norm(
     track_num_batches: require the batch counter ``stats.num_batches_tracked`` (PyTorch's). Whenever the
       counter is there, each training update adds 1 to it; this flag only makes a missing one an error,
       so :func:`bnjax.pytorch_preset`'s keywords serve the function and the modules alike.
+    skip_nonfinite: a guard for data with NaN or inf. By default (as in Flax and PyTorch) one non-finite
+      value makes its feature's batch statistics, and so its running statistics, NaN or inf for good.
+      True keeps the running statistics of such a feature unchanged in that call (and does not count
+      a batch with no finite feature). The outputs of that batch are still non-finite: this protects
+      the model's state, not the step.
 
   Returns:
     ``(y, new_stats)``: ``y`` has the shape of ``x``; ``new_stats`` is the
@@ -786,7 +815,7 @@ def batch_norm(
   if not reduction_axes:
     raise ValueError(f"`axis` is {axis!r}, which covers every axis of `x`; nothing is left to reduce over.")
   _check_inputs(x, scale, bias, stats, feature_axes, momentum, epsilon)
-  _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name)
+  _check_options(update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, axis_name, skip_nonfinite)
   out_dtype = x.dtype if dtype is None else dtype
 
   def evaluate():
@@ -853,6 +882,7 @@ def batch_norm(
       renorm=renorm,
       renorm_momentum=renorm_momentum,
       masked=mask is not None,
+      skip_nonfinite=skip_nonfinite,
     )
   if use_running_average is False:
     return y, new_stats

@@ -70,6 +70,7 @@ class BatchNorm(Module):
     renorm_clipping: ``(r_max, d_max)``; the call's ``renorm_clipping`` overrides it (for schedules).
     renorm_momentum: decay of renorm's moving mean and standard deviation.
     track_num_batches: keep a count of training batches (implied by ``momentum=None``).
+    skip_nonfinite: a feature whose batch statistics are NaN or inf keeps its running statistics.
 
   >>> import jax, jax.numpy as jnp
   >>> bn = BatchNorm(momentum=0.9)
@@ -99,6 +100,7 @@ class BatchNorm(Module):
   renorm_clipping: tuple[Any, Any] | None = D["renorm_clipping"]
   renorm_momentum: float = D["renorm_momentum"]
   track_num_batches: bool = D["track_num_batches"]
+  skip_nonfinite: bool = D["skip_nonfinite"]
 
   @compact
   def __call__(

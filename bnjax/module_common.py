@@ -29,6 +29,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
   "renorm_clipping": None,
   "renorm_momentum": 0.99,
   "track_num_batches": False,
+  "skip_nonfinite": False,
 }
 assert tuple(OPTION_DEFAULTS) == PASSED_OPTIONS
 

@@ -62,7 +62,7 @@ class BatchNorm(nnx.Module):
     bias_metadata, scale_metadata: passed to the ``nnx.Param`` (e.g. sharding annotations).
     unbiased_running_var: update the running variance with ``n / (n - 1)`` times the batch's.
     force_float32_reductions: compute statistics in at least float32.
-    update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, track_num_batches:
+    update_stats, virtual_batch_size, renorm, renorm_clipping, renorm_momentum, track_num_batches, skip_nonfinite:
       bnjax's variants, as in the linen module (``momentum=None`` too); renorm adds the
       ``renorm_mean``/``renorm_std`` statistics and the counter ``num_batches_tracked``.
   """
@@ -96,6 +96,7 @@ class BatchNorm(nnx.Module):
     renorm_clipping: tuple[Any, Any] | None = D["renorm_clipping"],
     renorm_momentum: float = D["renorm_momentum"],
     track_num_batches: bool = D["track_num_batches"],
+    skip_nonfinite: bool = D["skip_nonfinite"],
   ):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))

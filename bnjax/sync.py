@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -72,8 +73,15 @@ def check_divisible(mesh: Mesh, batch_size: int) -> None:
 
 
 def average_over_groups(batch_stats: Any) -> Any:
-  """Inside ``shard_map``: running statistics (already combined within a BN group) averaged over the groups."""
-  return jax.lax.pmean(batch_stats, GROUP)
+  """Inside ``shard_map``: running statistics (already combined within a BN group) averaged over the groups.
+
+  Integer leaves (PyTorch's batch counter) are the same in every group and stay as they are.
+  """
+
+  def average(v):
+    return jax.lax.pmean(v, GROUP) if jnp.issubdtype(v.dtype, jnp.inexact) else v
+
+  return jax.tree.map(average, batch_stats)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
   setups = [
     ("bnjax LeNet + bnjax.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop)),
     ("bnjax LeNet + flax.linen.BatchNorm", lambda: setup_bnjax("flax", images, labels, bs, args.loop)),
-    ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, "auto", api="nnx")),
+    ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop, api="nnx")),
   ]
   if torch is not None:
     setups += [

@@ -26,7 +26,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnjax import sync  # noqa: E402
@@ -52,18 +51,18 @@ def main(argv=None) -> dict:
   images = rng.integers(0, 256, (args.steps * b, 28, 28, 1)).astype(np.uint8)
   labels = rng.integers(0, 10, args.steps * b).astype(np.int32)
   mask = np.ones(b, bool)
-  counts = [n for n in (1, 2, 4) if n <= jax.local_device_count()]
-  print(
-    f"{jax.local_device_count()} {jax.devices()[0].platform} devices; global batch {b}, {args.steps} steps per repeat"
-  )
+  # Host CPU devices, whatever the default backend (on a GPU machine too): this measures the collectives.
+  cpus = jax.devices("cpu")
+  counts = [n for n in (1, 2, 4) if n <= len(cpus)]
+  print(f"{len(cpus)} host cpu devices; global batch {b}, {args.steps} steps per repeat")
 
   step = jax.jit(train.train_step, static_argnames="mesh", donate_argnums=(0,))
 
   # Reference: the step without a mesh.
   def one_device():
-    state = new_state(LeNet("ours"))
+    state = jax.device_put(new_state(LeNet("ours")), cpus[0])
     data = [
-      (jnp.asarray(images[i * b : (i + 1) * b]), jnp.asarray(labels[i * b : (i + 1) * b])) for i in range(args.steps)
+      jax.device_put((images[i * b : (i + 1) * b], labels[i * b : (i + 1) * b]), cpus[0]) for i in range(args.steps)
     ]
 
     def run(state, n=args.steps):
@@ -76,7 +75,7 @@ def main(argv=None) -> dict:
     return state, run
 
   def on_mesh(n):
-    mesh = sync.make_mesh(n)
+    mesh = sync.make_mesh(n, devices=cpus)
     state = sync.replicate(new_state(LeNet("ours", axis_name=sync.DATA)), mesh)
     sharding = jax.sharding.NamedSharding(mesh, sync.BATCH)
     data = [
@@ -138,7 +137,7 @@ def main(argv=None) -> dict:
     out.append(row)
     print(f"{name:36s} {sps:8.1f} {sps / base:11.2f}x {reduces:12d} {row['max_diff']:23.1e}")
   result = {
-    "devices": jax.local_device_count(),
+    "devices": len(cpus),
     "batch_size": b,
     "steps": args.steps,
     "repeats": args.repeats,

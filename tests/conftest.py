@@ -16,6 +16,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory):
+  """The CLI's default compilation cache, for this run only: the tests never write to the user's."""
+  os.environ["BNJAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))
+
+
 CPU_DEVICES = jax.devices("cpu")  # 4 host devices, whatever the default backend
 
 

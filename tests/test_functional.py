@@ -839,7 +839,7 @@ def test_non_finite_padding_reaches_no_output_and_no_gradient(rng, poison):
   (_, y_clean), grads_clean = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
     jnp.asarray(clean), jnp.ones(3), jnp.zeros(3)
   )
-  assert np.all(np.asarray(y[6:]) == 0.0)  # masked outputs are the bias
+  assert np.all(np.isfinite(np.asarray(y[6:])))  # masked outputs: finite placeholders
   assert_trees_close((y[:6], grads[0][:6], grads[1], grads[2]), (y_clean[:6], grads_clean[0][:6], *grads_clean[1:]))
   assert np.all(np.asarray(grads[0][6:]) == 0.0)
 
@@ -879,3 +879,21 @@ def test_empty_batches_and_non_integer_axes_are_clear_errors(call, pattern):
 def test_an_empty_batch_is_fine_in_evaluation():
   y, _ = batch_norm(np.zeros((0, 3), np.float32), None, None, init_batch_stats(3), use_running_average=True)
   assert y.shape == (0, 3)
+
+
+def test_the_nonfinite_guard_keeps_the_state_of_poisoned_features_only(rng):
+  x = rng.normal(size=(8, 3)).astype(np.float32)
+  x[2, 1] = np.nan  # one bad value in feature 1
+  stats = init_batch_stats(3, num_batches_tracked=True)
+  _, poisoned = batch_norm(x, None, None, stats, use_running_average=False, momentum=0.5)
+  assert np.isnan(poisoned.mean[1]) and np.isnan(poisoned.var[1])  # the default, as in Flax and PyTorch
+  _, guarded = batch_norm(x, None, None, stats, use_running_average=False, momentum=0.5, skip_nonfinite=True)
+  assert guarded.mean[1] == 0.0 and guarded.var[1] == 1.0 and int(guarded.num_batches_tracked) == 1
+  keep = np.array([0, 2])
+  assert_trees_close((guarded.mean[keep], guarded.var[keep]), (poisoned.mean[keep], poisoned.var[keep]))
+  _, none_finite = batch_norm(
+    np.full((4, 3), np.inf, np.float32), None, None, stats, use_running_average=False, skip_nonfinite=True
+  )
+  assert int(none_finite.num_batches_tracked) == 0 and np.all(none_finite.var == 1.0)
+  with pytest.raises(TypeError, match=r"`skip_nonfinite` is 1 \(int\), but should be a Python bool"):
+    batch_norm(x, None, None, stats, use_running_average=False, skip_nonfinite=1)

@@ -350,3 +350,24 @@ def test_too_little_data_is_one_error_line_before_training(tmp_path, n_train, n_
 def test_an_empty_out_is_refused():
   with pytest.raises(SystemExit, match=r"error: --out is empty"):
     lenet_fmnist.main(["--out", ""])
+
+
+def test_an_unknown_checkpoint_format_is_refused(fmnist_dir, tmp_path):
+  from flax import serialization
+
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
+  raw = serialization.msgpack_restore(ckpt.read_bytes())
+  ckpt.write_bytes(serialization.msgpack_serialize({**raw, "format": "bnjax-checkpoint-99"}))
+  with pytest.raises(SystemExit, match=r"has format 'bnjax-checkpoint-99'; this bnjax reads"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
+
+
+def test_resuming_bn_all_passes_over_the_variants_already_finished(fmnist_dir, tmp_path, capsys):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all"))
+  first = capsys.readouterr().out
+  summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all", "--resume"))
+  again = capsys.readouterr().out
+  assert again.count("nothing to do") == 4 and "| BatchNorm |" in again
+  assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise"]
+  assert first.split("| BatchNorm |")[1].split("\n")[2:5] == again.split("| BatchNorm |")[1].split("\n")[2:5]

@@ -157,12 +157,18 @@ def checkpoint(run_dir):
   return raw["state"], json.loads(raw["history"])
 
 
-def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path, capsys):
-  from experiments import lenet_fmnist
+def run_cli(*args):
+  """The CLI as a process on 4 host CPU devices (JAX_PLATFORMS=cpu: the same on a GPU machine)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
-  lenet_fmnist.main(cli(five_step_data, tmp_path / "one", "--epochs", "1", "--devices", "1"))
-  lenet_fmnist.main(cli(five_step_data, tmp_path / "four", "--epochs", "1", "--devices", "4"))
-  assert "data parallel: 4 devices (1 BN group(s) of 4), 1 process(es)" in capsys.readouterr().out
+
+def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path):
+  one = run_cli(*cli(five_step_data, tmp_path / "one", "--epochs", "1", "--devices", "1"))
+  four = run_cli(*cli(five_step_data, tmp_path / "four", "--epochs", "1", "--devices", "4"))
+  assert one.returncode == 0 and four.returncode == 0, (one.stderr[-1500:], four.stderr[-1500:])
+  assert "data parallel: 4 devices (1 BN group(s) of 4), 1 process(es)" in four.stdout
   (one, h1), (four, h4) = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "four")
   assert_close_and_record("parallel: CLI 4 devices vs 1, 1 epoch", four, one, "trajectory")
   assert_close_and_record(
@@ -182,10 +188,9 @@ def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path, capsys
   ],
 )
 def test_cli_refuses_what_it_cannot_do_before_any_work(five_step_data, tmp_path, extra, message):
-  from experiments import lenet_fmnist
-
-  with pytest.raises(SystemExit, match=message):
-    lenet_fmnist.main(cli(five_step_data, tmp_path / "o", *extra))
+  result = run_cli(*cli(five_step_data, tmp_path / "o", *extra))
+  assert result.returncode == 1 and re.search(message, result.stderr), result.stderr[-1500:]
+  assert "Traceback" not in result.stderr and not (tmp_path / "o" / "ours" / "checkpoint.msgpack").exists()
 
 
 def free_port() -> int:

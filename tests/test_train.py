@@ -189,3 +189,12 @@ def test_the_batch_loss_is_the_mean_over_real_examples_and_metrics_are_sums():
   loss_all, m_all = train.batch_loss_and_metrics(logits, labels)
   assert int(m_all["count"]) == 3 and int(m_all["correct"]) == 1
   assert_trees_close(loss_all, per_example.mean())
+
+
+def test_nnx_apply_refuses_variables_of_another_model():
+  from flax import nnx
+
+  apply = train.nnx_apply(NNXLeNet("ours", rngs=nnx.Rngs(0)))
+  variables = init_lenet(LeNet("none"), jax.random.key(0))  # no BN layers
+  with pytest.raises(ValueError, match=r"`variables` has layers .*, but the NNX model has"):
+    apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)

@@ -16,12 +16,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flax import serialization
 
 CHECKPOINT, METRICS, LOCK = "checkpoint.msgpack", "metrics.json", ".lock"
 FORMAT = "bnjax-checkpoint-2"  # a SHA-256 over the payload; format 1 (no digest) is still read
 # What a resumed run must share with the checkpoint's run (--epochs may grow), in the checkpoint's words.
-RUN_IDENTITY = ("bn", "batch_size", "lr", "seed", "conv_impl", "precision", "precise_bn", "data")
+RUN_IDENTITY = ("bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_size", "precise_bn", "data")
 
 
 class RunError(Exception):
@@ -30,12 +29,7 @@ class RunError(Exception):
 
 def run_config(args: argparse.Namespace, norm: str, precise_bn: int, data: str) -> dict:
   """The settings that make a run what it is: :data:`RUN_IDENTITY`'s names, ``data`` the data set's fingerprint."""
-  return {
-    "bn": norm,
-    **{k: getattr(args, k) for k in ("batch_size", "lr", "seed", "conv_impl", "precision")},
-    "precise_bn": precise_bn,
-    "data": data,
-  }
+  return {"bn": norm, **{k: getattr(args, k) for k in RUN_IDENTITY[1:-2]}, "precise_bn": precise_bn, "data": data}
 
 
 def data_fingerprint(*arrays) -> str:
@@ -141,6 +135,8 @@ def _state_tree(state) -> dict:
 def save_checkpoint(path: Path, state, epoch: int, history: list[dict], config: dict) -> None:
   """State, epoch, history and settings in one msgpack file (a few hundred KB for LeNet), with a SHA-256 of
   them, written atomically."""
+  from flax import serialization  # (here: the CLI's --help and flag errors need no jax)
+
   payload = {"state": _state_tree(state), "epoch": epoch, "history": json.dumps(history), "config": json.dumps(config)}
   inner = serialization.to_bytes(payload)
   data = serialization.msgpack_serialize(
@@ -151,9 +147,16 @@ def save_checkpoint(path: Path, state, epoch: int, history: list[dict], config: 
 
 def read_checkpoint(path: Path) -> dict:
   """The checkpoint's payload (``state``, ``epoch``, ``history``, ``config``) after checking its digest."""
+  from flax import serialization
+
   raw = serialization.msgpack_restore(path.read_bytes())
   if "payload" not in raw:  # format 1: the payload itself, no digest
     return raw
+  if raw.get("format") != FORMAT:
+    raise RunError(
+      f"checkpoint {path} has format {raw.get('format')!r}; this bnjax reads {FORMAT!r} (and the unversioned "
+      "first one). Use the bnjax that wrote it, --overwrite, or a new --out."
+    )
   if hashlib.sha256(raw["payload"]).hexdigest() != raw.get("sha256"):
     raise RunError(
       f"checkpoint {path} is corrupted: its content does not match its SHA-256. Use --overwrite to start "
@@ -164,6 +167,8 @@ def read_checkpoint(path: Path) -> dict:
 
 def restore_checkpoint(path: Path, state, config: dict):
   """``(state, epoch, history)`` from ``path``; RunError for a corrupted file or another run's settings."""
+  from flax import serialization
+
   try:
     raw = read_checkpoint(path)
     saved = json.loads(raw["config"])

@@ -41,7 +41,6 @@ FILES = {
   "test_labels": "t10k-labels-idx1-ubyte",
 }
 FULL_COUNTS = {"train": 60000, "test": 10000}
-TEXT_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 HOW_TO_GET = (
   "Get the original IDX files with `apt-get install dataset-fashion-mnist` (they land in "
   f"{DEBIAN_DIR}), or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -81,6 +82,13 @@ def precise_stats(apply, variables, images, num_batches: int, batch_size: int, s
 def precise_batches(norm: str, args: argparse.Namespace) -> int:
   """How many batches precise BN uses before every evaluation of this variant (0: off)."""
   return 0 if norm == "none" else args.precise_bn or (DEFAULT_PRECISE_BATCHES if norm == "ours-precise" else 0)
+
+
+def checkpoint_digest(path: Path) -> str | None:
+  """A SHA-256 prefix of the checkpoint file, None when there is none."""
+  import hashlib
+
+  return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
 def agree_across_processes(settings: dict) -> None:
@@ -144,9 +152,9 @@ def run_variant(
     apply = train.linen_apply(model)
   precise = precise_batches(norm, args)
   config = run_config(args, norm, precise, fingerprint)
-  init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
   # Both APIs start from the linen model's initial variables (same names), so they give the same numbers.
-  state = train.create_train_state(apply, models.init_lenet(model.clone(axis_name=None), init_key), args.lr)
+  variables, shuffle_key = train.init_run(functools.partial(models.init_lenet, model.clone(axis_name=None)), args.seed)
+  state = train.create_train_state(apply, variables, args.lr)
   history: list[dict] = []
   start_epoch = 0
   progress.current = norm
@@ -162,7 +170,13 @@ def run_variant(
   elif args.resume:
     print(f"[{norm}] --resume: no run in {out} yet, starting from scratch")
   if start_epoch >= args.epochs:
-    raise RunError(f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}.")
+    if args.bn != "all":
+      raise RunError(
+        f"[{norm}] nothing to do: {ckpt_path} is already at epoch {start_epoch} >= --epochs {args.epochs}."
+      )
+    # --bn all interrupted in a later variant: this one is done, its lines come from the checkpoint.
+    print(f"[{norm}] already trained to epoch {start_epoch} (--epochs {args.epochs}): nothing to do")
+    return report.closing_lines(norm, history, state.params), history
   state = train.place(state, mesh)
   host_state = sync.to_host if mesh is not None else (lambda s: s)
   precise_model = model.clone(axis_name=None)  # precise BN runs on one device, identically on every process
@@ -193,8 +207,9 @@ def run_variant(
     state, metrics = train.train_epoch(
       state,
       train_data,
-      jax.random.fold_in(shuffle_key, epoch),
+      shuffle_key,
       args.batch_size,
+      epoch=epoch,
       mesh=mesh,
       loop=args.loop,
       on_progress=on_progress,
@@ -250,6 +265,23 @@ def run_variant(
   return summary, history
 
 
+@contextlib.contextmanager
+def compile_cache(args: argparse.Namespace):
+  """JAX's persistent compilation cache for the run, switched off again after it: ``main()`` called from
+  Python (a notebook, the tests) leaves no global setting behind."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  before = jax.config.jax_compilation_cache_dir
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
+
+
 def enable_compile_cache(directory: str) -> None:
   """JAX's persistent compilation cache in ``directory``, with one line on stderr saying so (or why not)."""
   import jax
@@ -296,8 +328,11 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
 
 def train_all(args: argparse.Namespace, progress: Progress, out: Path, norms: list[str]) -> list[dict]:
   """Joins the processes, loads the data and trains every variant (process 0 holds --out's lock)."""
-  if not args.no_compile_cache:
-    enable_compile_cache(args.compile_cache)
+  with compile_cache(args):
+    return train_variants(args, progress, out, norms)
+
+
+def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norms: list[str]) -> list[dict]:
   mesh = setup_devices(args)
   from experiments.lenet_fmnist import report, train
   from experiments.lenet_fmnist.distributed import barrier
@@ -315,7 +350,10 @@ def train_all(args: argparse.Namespace, progress: Progress, out: Path, norms: li
   fingerprint = data_fingerprint(*dataset[:4])
   # Everything that shapes the trajectory, for the processes to agree on (not where each one runs from).
   local = ("process_id", "coordinator", "no_progress", "compile_cache", "no_compile_cache", "data_dir", "timeout")
-  agree_across_processes({**{k: v for k, v in vars(args).items() if k not in local}, "data": fingerprint})
+  settings = {**{k: v for k, v in vars(args).items() if k not in local}, "data": fingerprint}
+  if args.resume:  # every process must resume from the same checkpoint (--out must be shared)
+    settings["checkpoints"] = {norm: checkpoint_digest(out / norm / CHECKPOINT) for norm in norms}
+  agree_across_processes(settings)
   data = tuple(train.Data.put(x, y, mesh) for x, y in (dataset[:2], dataset[2:4]))
   if mesh is not None:
     print(
@@ -351,7 +389,9 @@ def setup_devices(args: argparse.Namespace):
       raise RunError(str(e)) from None
     if args.process_id:  # only process 0 speaks (the C++ collectives' notes too); errors still go to stderr
       sys.stdout.flush()
-      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, sys.stdout.fileno())
+      os.close(devnull)
   import jax
 
   from bnjax import sync

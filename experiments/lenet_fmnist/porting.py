@@ -82,13 +82,18 @@ def lenet_from_torch(
     has_bn = any(k.rsplit(".", 1)[-1] in bn_only for k in state_dict)
     layout = LENET_BN_LAYOUT if has_bn else LENET_PLAIN_LAYOUT
   missing = [
-    f"{theirs}.{names[0]}"
+    " or ".join(repr(f"{theirs}.{n}") for n in names)
     for ours, theirs in layout.items()
     for names in (BN_NAMES.values() if ours.startswith("bn") else (("weight",), ("bias",)))
     if not any(f"{theirs}.{n}" in state_dict for n in names)
   ]
   if missing:
-    raise StateDictError(f"state_dict is missing {len(missing)} key(s) of LeNet: {missing}.")
+    modules = {m.split(".")[0].strip("'") for m in missing}
+    near = sorted(k for k in state_dict if k.split(".")[0] in modules)
+    raise StateDictError(
+      f"state_dict is missing {len(missing)} key(s) of LeNet: {', '.join(missing)}; keys of those modules: "
+      f"{near or 'none'}."
+    )
   if strict:
     unexpected = sorted(set(state_dict) - _accepted_keys(layout))
     if unexpected:

@@ -43,10 +43,12 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
     ax.set(title=LABELS[name], xlabel="epoch", xlim=(1, max(epochs[-1], 2)))
     ax.grid(True, alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  for ext in ("png", "svg"):
-    atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110))
-  plt.close(fig)
+  try:
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+      atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110))
+  finally:
+    plt.close(fig)
 
 
 def comparison_table(summaries: list[dict]) -> str:

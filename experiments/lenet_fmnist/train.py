@@ -73,14 +73,29 @@ def nnx_apply(model: nnx.Module) -> Apply:
     for collection in ("params", "batch_stats"):
       for name, values in variables.get(collection, {}).items():
         layers.setdefault(name, {}).update(values)
-    leaves = jax.tree.leaves(treedef.unflatten(jax.tree.leaves(layers)))  # checks the structure
-    fresh = nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), leaves))
+    if jax.tree.structure(layers) != treedef:
+      raise ValueError(
+        f"`variables` has layers {jax.tree.structure(layers)}, but the NNX model has {treedef}; they must match."
+      )
+    fresh = nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(layers)))
     fresh.train() if train else fresh.eval()
     logits = fresh(images, mask=mask) if train and mask is not None else fresh(images)
     stats = nnx.to_pure_dict(nnx.state(fresh, nnx.BatchStat))
     return logits, stats
 
   return apply
+
+
+def init_run(init: Callable[[jax.Array], dict], seed: int) -> tuple[dict, jax.Array]:
+  """``(variables, shuffle_key)`` for a run's ``seed``: the chapter's key split and ``init(init_key)``, in one
+  compiled program (the key made from a uint32 seed inside it is the one ``jax.random.key(seed)`` gives)."""
+  return _init_run(init, np.uint32(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_run(init, seed):
+  init_key, shuffle_key = jax.random.split(jax.random.key(seed))
+  return init(init_key), shuffle_key
 
 
 def create_train_state(apply_fn: Apply, variables: dict, learning_rate: float) -> TrainState:
@@ -249,7 +264,7 @@ class Data(NamedTuple):
   @classmethod
   def put(cls, images, labels, mesh: Mesh | None = None) -> Data:
     if mesh is None:
-      return cls(jnp.asarray(images), jnp.asarray(labels))
+      return cls(*jax.device_put((images, labels)))  # (jnp.asarray would compile a program per shape)
     return cls(*sync.replicate((images, labels), mesh))
 
 
@@ -258,19 +273,29 @@ def place(tree, mesh: Mesh | None):
   return tree if mesh is None else sync.replicate(tree, mesh)
 
 
+@functools.partial(jax.jit, static_argnames="num")
+def _epoch_start(key, epoch, *, num):
+  """The epoch's order (``key``, with ``epoch`` folded in when given) and zero metrics: one program."""
+  if epoch is not None:
+    key = jax.random.fold_in(key, epoch)
+  return jax.random.permutation(key, num), zero_metrics()
+
+
 def train_epoch(
   state: TrainState,
   data: Data,
   key: jax.Array,
   batch_size: int,
   *,
+  epoch: int | None = None,
   mesh: Mesh | None = None,
   loop: str = "auto",
   scan_chunk: int = 47,
   on_progress: Callable[[int], None] | None = None,
   sync_every: int = 16,
 ) -> tuple[TrainState, Metrics]:
-  """One pass over ``data`` in ``key``'s order (the same order on one device or a mesh).
+  """One pass over ``data`` in ``key``'s order (the same order on one device or a mesh); with ``epoch``,
+  in the order of ``fold_in(key, epoch)``.
 
   ``on_progress(n)`` is called with the number of batches just finished; the loop waits for the
   device every ``sync_every`` steps (or every scan chunk) so that progress is real, not dispatched.
@@ -286,10 +311,9 @@ def train_epoch(
   num_full = sum(size == batch_size for _, size in plan)  # the plan's full batches come first
   chunks = [1] * num_full if loop == "step" else scan_chunks(num_full, scan_chunk)
   chunks += [1] * (len(plan) - num_full)
-  perm = jax.random.permutation(key, num)
+  perm, metrics = _epoch_start(key, epoch, num=num)
   if mesh is not None:
-    perm = place(np.asarray(perm), mesh)
-  metrics = place(zero_metrics(), mesh)
+    perm, metrics = place(jax.device_get((perm, metrics)), mesh)
   done = pending = 0  # batches dispatched, and dispatched since progress was last reported
   for n in chunks:
     start, size = plan[done]
