@@ -897,3 +897,34 @@ def test_the_nonfinite_guard_keeps_the_state_of_poisoned_features_only(rng):
   assert int(none_finite.num_batches_tracked) == 0 and np.all(none_finite.var == 1.0)
   with pytest.raises(TypeError, match=r"`skip_nonfinite` is 1 \(int\), but should be a Python bool"):
     batch_norm(x, None, None, stats, use_running_average=False, skip_nonfinite=1)
+
+
+# --- batch_norm's named steps, each on its own -----------------------------------------------------
+
+
+def test_grouping_splits_the_batch_axis_and_pools_within_groups(rng):
+  from bnjax.functional import Grouping
+
+  grouping = Grouping.of((8, 5, 3), (2,), 0, 4)  # NWC, ghost groups of 4 examples
+  assert grouping.shape == (2, 4, 5, 3) and grouping.group_pos == 0 and grouping.layout.feature_shape == (2, 3)
+  x = rng.normal(size=(2, 20, 3))  # two groups' values per feature
+  mean, var, count = x.mean(1), x.var(1), np.full((2, 3), 20.0)
+  m, v, running, n = grouping.combine_groups(mean, var, count, unbiased=True)
+  assert_trees_close((m, v, n), (x.mean((0, 1)), var.mean(0), np.full(3, 40.0)))
+  assert_trees_close(running, (var * 20).sum(0) / 38)  # pooled, / sum (n_g - 1)
+  plain = Grouping.of((8, 3), (1,), 0, None)
+  assert plain.group_pos is None and plain.combine_groups(mean[0], var[0], count[0], unbiased=False)[2] is var[0]
+
+
+def test_update_running_stats_is_the_ema_with_counter_and_guards():
+  from bnjax.functional import update_running_stats
+
+  stats = init_batch_stats(2, num_batches_tracked=True)
+  mean, var, count = jnp.array([1.0, jnp.nan]), jnp.array([4.0, 1.0]), jnp.array([3.0, 3.0])
+  kwargs = dict(epsilon=1e-5, renorm=False, renorm_momentum=0.99, masked=False)
+  new = update_running_stats(stats, mean, var, var, count, momentum=0.5, **kwargs)
+  assert float(new.mean[0]) == 0.5 and float(new.var[0]) == 2.5 and int(new.num_batches_tracked) == 1
+  guarded = update_running_stats(stats, mean, var, var, count, momentum=0.5, skip_nonfinite=True, **kwargs)
+  assert float(guarded.mean[1]) == 0.0 and float(guarded.mean[0]) == 0.5
+  cumulative = update_running_stats(stats, mean, var, var, count, momentum=None, **kwargs)
+  assert float(cumulative.mean[0]) == 1.0  # the first batch has weight 1

@@ -371,3 +371,19 @@ def test_resuming_bn_all_passes_over_the_variants_already_finished(fmnist_dir, t
   assert again.count("nothing to do") == 4 and "| BatchNorm |" in again
   assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise"]
   assert first.split("| BatchNorm |")[1].split("\n")[2:5] == again.split("| BatchNorm |")[1].split("\n")[2:5]
+
+
+def test_the_cli_choices_are_the_modules_own():
+  # arguments.py repeats them so that --help and a bad flag answer without importing jax.
+  import subprocess
+  import sys
+
+  from experiments.lenet_fmnist import arguments, conv, models, train
+
+  assert arguments.NORMS == models.NORMS and arguments.PRECISIONS == models.PRECISIONS
+  parser_choices = {a.dest: a.choices for a in arguments.build_parser()._actions if a.choices}
+  assert tuple(parser_choices["loop"]) == train.LOOPS and tuple(parser_choices["conv_impl"]) == conv.IMPLS
+  code = "import sys, experiments.lenet_fmnist as m; m.parse_args(['--bn', 'ours']); print('jax' in sys.modules)"
+  assert (
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+  )

@@ -24,7 +24,7 @@ def default_cache_dir() -> str:
   return os.environ.get("BNJAX_COMPILE_CACHE") or str(Path(base) / "bnjax" / "xla")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m experiments.lenet_fmnist", description=DESCRIPTION)
   p.add_argument(
     "--bn",
@@ -110,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     metavar="S",
     help="with several processes: seconds to wait for the others to join, and for any step to finish (default 120)",
   )
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's flags, each checked: a bad one exits with one ``error:`` line (argparse's)."""
+  p = build_parser()
   args = p.parse_args(argv)
   if args.devices is not None and args.devices < 1:
     p.error(f"--devices is {args.devices}, but should be at least 1")

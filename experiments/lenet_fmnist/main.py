@@ -334,8 +334,34 @@ def train_all(args: argparse.Namespace, progress: Progress, out: Path, norms: li
 
 def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norms: list[str]) -> list[dict]:
   mesh = setup_devices(args)
-  from experiments.lenet_fmnist import report, train
+  from experiments.lenet_fmnist import report
   from experiments.lenet_fmnist.distributed import barrier
+
+  # From here on every wait for another process is bounded: one that failed (bad data, other settings)
+  # or died leaves the others a clear line within --timeout, not a hang.
+  with make_watchdog(args) as watchdog:
+    dataset, fingerprint, data = prepare_data(args, out, norms, mesh)
+    summaries, histories = [], {}
+    for norm in norms:
+      summary, histories[norm] = run_variant(
+        norm, dataset, fingerprint, data, args, out / norm, progress, mesh, watchdog
+      )
+      summaries.append(summary)
+    if len(summaries) > 1:
+      table = report.comparison_table(summaries)
+      print(table)
+      if not args.process_id:
+        atomic_write_text(out / "comparison.md", table + "\n")
+        report.plot_curves(histories, out / "comparison")
+    barrier("done")
+  print(f"wrote {out.resolve()}")
+  return summaries
+
+
+def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
+  """``(dataset, fingerprint, (train, test))``: the host arrays, their fingerprint, and where the loop reads
+  them; every process agrees on the settings and data first."""
+  from experiments.lenet_fmnist import report, train
 
   dataset = load_data(args)
   print(
@@ -360,22 +386,7 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
       f"data parallel: {mesh.size} devices ({mesh.shape['group']} BN group(s) of {mesh.shape['data']}), "
       f"{args.num_processes} process(es); global batch {args.batch_size}"
     )
-  summaries, histories = [], {}
-  with make_watchdog(args) as watchdog:
-    for norm in norms:
-      summary, histories[norm] = run_variant(
-        norm, dataset, fingerprint, data, args, out / norm, progress, mesh, watchdog
-      )
-      summaries.append(summary)
-    if len(summaries) > 1:
-      table = report.comparison_table(summaries)
-      print(table)
-      if not args.process_id:
-        atomic_write_text(out / "comparison.md", table + "\n")
-        report.plot_curves(histories, out / "comparison")
-    barrier("done")
-  print(f"wrote {out.resolve()}")
-  return summaries
+  return dataset, fingerprint, data
 
 
 def setup_devices(args: argparse.Namespace):
@@ -415,7 +426,7 @@ def make_watchdog(args: argparse.Namespace):
   from experiments.lenet_fmnist import distributed
 
   return distributed.Watchdog(
-    args.timeout, lambda: distributed.stalled_message(args.timeout, "waiting for a step or checkpoint")
+    args.timeout, lambda: distributed.stalled_message(args.timeout, "waiting for the other processes")
   )
 
 
