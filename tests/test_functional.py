@@ -912,8 +912,8 @@ def test_grouping_splits_the_batch_axis_and_pools_within_groups(rng):
   m, v, running, n = grouping.combine_groups(mean, var, count, unbiased=True)
   assert_trees_close((m, v, n), (x.mean((0, 1)), var.mean(0), np.full(3, 40.0)))
   assert_trees_close(running, (var * 20).sum(0) / 38)  # pooled, / sum (n_g - 1)
-  plain = Grouping.of((8, 3), (1,), 0, None)
-  assert plain.group_pos is None and plain.combine_groups(mean[0], var[0], count[0], unbiased=False)[2] is var[0]
+  plain, one_var = Grouping.of((8, 3), (1,), 0, None), var[0]
+  assert plain.group_pos is None and plain.combine_groups(mean[0], one_var, count[0], unbiased=False)[2] is one_var
 
 
 def test_update_running_stats_is_the_ema_with_counter_and_guards():
