@@ -9,6 +9,7 @@ from conftest import make_fmnist_dir
 from tolerance import assert_trees_close
 
 from experiments import lenet_fmnist
+from experiments.lenet_fmnist.arguments import VARIANTS
 from experiments.lenet_fmnist.checkpoint import exclusive, read_checkpoint
 
 
@@ -66,14 +67,20 @@ def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path):
   assert_trees_close(np.array(b["gamma"]), np.array(a["gamma"]))
 
 
-def test_all_variants_and_a_comparison_table(fmnist_dir, tmp_path, capsys):
+def test_all_variants_a_comparison_table_and_a_resume_that_passes_over_finished_ones(fmnist_dir, tmp_path, capsys):
   summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all"))
-  assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise"]
+  assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise", "ours-ema"]
   table = (tmp_path / "all" / "comparison.md").read_text()
   assert "| bnjax.BatchNorm |" in table and "| flax.linen.BatchNorm |" in table and "| no BatchNorm |" in table
-  assert "| bnjax.BatchNorm + precise BN |" in table
+  assert "| bnjax.BatchNorm + precise BN |" in table and "| bnjax.BatchNorm + precise BN + EMA weights |" in table
   assert "0.899 / 0.807" in table  # the chapter's numbers stand beside ours
-  assert (tmp_path / "all" / "comparison.png").exists() and "| BatchNorm |" in capsys.readouterr().out
+  first = capsys.readouterr().out
+  assert (tmp_path / "all" / "comparison.png").exists() and "| BatchNorm |" in first
+  # --bn all interrupted in a later variant resumes there: the finished ones are passed over
+  summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all", "--resume"))
+  again = capsys.readouterr().out
+  assert again.count("nothing to do") == 5 and [s["bn"] for s in summaries] == list(VARIANTS)
+  assert first.split("| BatchNorm |")[1].split("\n")[2:7] == again.split("| BatchNorm |")[1].split("\n")[2:7]
 
 
 def test_missing_data_exits_with_one_clear_message(tmp_path):
@@ -363,16 +370,6 @@ def test_an_unknown_checkpoint_format_is_refused(fmnist_dir, tmp_path):
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
 
 
-def test_resuming_bn_all_passes_over_the_variants_already_finished(fmnist_dir, tmp_path, capsys):
-  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all"))
-  first = capsys.readouterr().out
-  summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all", "--resume"))
-  again = capsys.readouterr().out
-  assert again.count("nothing to do") == 4 and "| BatchNorm |" in again
-  assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise"]
-  assert first.split("| BatchNorm |")[1].split("\n")[2:5] == again.split("| BatchNorm |")[1].split("\n")[2:5]
-
-
 def test_the_cli_choices_are_the_modules_own():
   # arguments.py repeats them so that --help and a bad flag answer without importing jax.
   import subprocess
@@ -387,3 +384,84 @@ def test_the_cli_choices_are_the_modules_own():
   assert (
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
   )
+
+
+# --- several seeds in one program, weight averaging (issue 19) ---------------------------------------
+
+
+def test_seeds_side_by_side_give_each_seeds_own_run_files_and_a_summary(fmnist_dir, tmp_path, capsys):
+  # ours-ema covers the moving average and precise BN of the averaged weights too; the multi-seed run is
+  # interrupted after epoch 1 and resumed, against single-seed runs straight through.
+  extra = ("--bn", "ours-ema", "--precise-bn", "2", "--ema", "0.9")
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "many", "--epochs", "1", "--seeds", "0,3", *extra))
+  summary = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "many", "--epochs", "2", "--seeds", "0,3", "--resume", *extra))
+  printed = capsys.readouterr().out
+  assert re.search(r"\[ours-ema\] epoch  2/2  loss \d\.\d{3} ± \d\.\d{3} .*\(min \d\.\d{3}\)  \[2 seeds\]", printed)
+  assert re.search(r"test acc per seed: 0: \d\.\d{3}, 3: \d\.\d{3}", printed)
+  run = tmp_path / "many" / "ours-ema"
+  keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+  for i, seed in enumerate((0, 3)):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / f"one-{seed}", "--epochs", "2", "--seed", str(seed), *extra))
+    single = json.loads((tmp_path / f"one-{seed}" / "ours-ema" / "metrics.json").read_text())["epochs"]
+    mine = json.loads((run / f"seed-{seed}" / "metrics.json").read_text())
+    assert mine["seed"] == seed and [e["epoch"] for e in mine["epochs"]] == [1, 2]
+    assert_trees_close([mine["epochs"][0][k] for k in keys], [single[0][k] for k in keys])
+    assert_trees_close([mine["epochs"][1][k] for k in keys], [single[1][k] for k in keys], "trajectory")
+    assert summary[0]["per_seed"]["test_acc"][i] == mine["epochs"][1]["test_acc"]
+    want = read_checkpoint(tmp_path / f"one-{seed}" / "ours-ema" / "checkpoint.msgpack")["state"]
+    got = read_checkpoint(run / "checkpoint.msgpack")["state"]
+    for part in ("params", "ema_params"):
+      assert_trees_close(_row(got[part], i), want[part], "trajectory")
+  spread = json.loads((run / "summary.json").read_text())["distribution"][-1]["test_acc"]
+  accs = summary[0]["per_seed"]["test_acc"]
+  assert spread["mean"] == pytest.approx(np.mean(accs)) and spread["min"] == min(accs)
+  assert spread["std"] == pytest.approx(np.std(accs))
+  assert (run / "curves.png").stat().st_size > 1000
+  per_seed = (tmp_path / "many" / "seeds.md").read_text()
+  assert "| | seed 0 | seed 3 | mean ± std | min |" in per_seed
+  assert f"| {accs[0]:.3f} | {accs[1]:.3f} | {np.mean(accs):.3f} ± {np.std(accs):.3f} |" in per_seed
+
+
+def _row(tree, i):
+  import jax
+
+  return jax.tree.map(lambda a: np.asarray(a)[i], tree)
+
+
+@pytest.mark.parametrize(
+  "argv,pattern",
+  [
+    (["--seeds", "3-1"], r"--seeds 3-1: the range 3-1 is empty"),
+    (["--seeds", "0,x"], r"--seeds 0,x: 'x' is not a seed or a range like 0-7"),
+    (["--seeds", "0-3,2"], r"--seeds 0-3,2: a seed is given twice"),
+    (["--seeds", "0-99"], r"--seeds 0-99: 0-99 holds more than 64 seeds"),
+    (["--seeds", "0-1", "--seed", "2"], r"--seed and --seeds both given"),
+    (["--seeds", "0-1", "--devices", "2"], r"--seeds trains its replicas side by side on one device"),
+    (["--ema", "1"], r"--ema is 1.0, but should lie in \(0, 1\)"),
+    (["--ema", "0"], r"--ema is 0.0, but should lie in \(0, 1\)"),
+  ],
+)
+def test_bad_seeds_or_ema_are_one_error_line(argv, pattern, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    lenet_fmnist.parse_args(argv)
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and re.search(pattern, err) and "Traceback" not in err, err
+
+
+def test_seeds_are_parsed_as_ranges_and_lists():
+  from experiments.lenet_fmnist.arguments import parse_seeds
+
+  assert parse_seeds("0-7") == list(range(8)) and parse_seeds("0,3,5") == [0, 3, 5] and parse_seeds("5") == [5]
+  assert parse_seeds("0-2, 8") == [0, 1, 2, 8]
+  args = lenet_fmnist.parse_args([])
+  assert args.seeds == [0] and args.seed == 0
+
+
+def test_resume_with_other_seeds_or_ema_is_refused(fmnist_dir, tmp_path):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--seeds", "0-1"))
+  with pytest.raises(SystemExit, match=r"error: --resume: .*belongs to a run with --seed \[0, 1\] \(now \[0, 2\]\)"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--seeds", "0,2", "--resume"))
+  # (averaged weights get precise BN statistics of their own: --ema brings 100 precise-BN batches)
+  ema_differs = r"belongs to a run with --precise-bn 0 \(now 100\), --ema 0.0 \(now 0.5\)"
+  with pytest.raises(SystemExit, match=r"error: --resume: .*" + ema_differs):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--seeds", "0-1", "--ema", "0.5", "--resume"))

@@ -201,3 +201,60 @@ def test_nnx_apply_refuses_variables_of_another_model():
   variables = init_lenet(LeNet("none"), jax.random.key(0))  # no BN layers
   with pytest.raises(ValueError, match=r"`variables` has layers .*, but the NNX model has"):
     apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)
+
+
+# --- several seeds side by side, weight averaging (issue 19) ----------------------------------------
+
+
+def test_seeds_side_by_side_train_as_their_single_seed_runs(small):
+  model = LeNet()
+  init = lambda key: init_lenet(model, key)  # noqa: E731
+  seeds = [0, 3, 5]
+  variables, keys = train.init_run(init, seeds)
+  stacked = jax.tree.map(jnp.copy, variables)  # (the loop donates its state)
+  many = train.create_train_state(train.linen_apply(model), stacked, 0.5, ema_decay=0.9, replicated=True)
+  many, many_m = train.train_epoch(many, small[0], keys, 96, epoch=0, scan_chunk=3, replicated=True)
+  many_test = train.summarize(train.evaluate(many, small[1], batch_size=64, replicated=True))
+  many_train = train.summarize(many_m)
+  for i, seed in enumerate(seeds):
+    v, key = train.init_run(init, seed)
+    assert_trees_close(train.replica(variables, i), v)  # the same initial weights, exactly
+    one = train.create_train_state(train.linen_apply(model), v, 0.5, ema_decay=0.9)
+    one, m = train.train_epoch(one, small[0], key, 96, epoch=0, scan_chunk=3)  # 7 steps, a padded one too
+    mine = train.replica(many, i)
+    assert_trees_close(
+      (mine.params, mine.batch_stats, mine.ema_params), (one.params, one.batch_stats, one.ema_params), "trajectory"
+    )
+    test = train.summarize(train.evaluate(one, small[1], batch_size=64))
+    assert_trees_close(
+      [many_train["loss"][i], many_train["acc"][i], many_test["loss"][i], many_test["acc"][i]],
+      [train.summarize(m)["loss"], train.summarize(m)["acc"], test["loss"], test["acc"]],
+    )
+
+
+def test_the_weight_average_is_the_plain_mean_until_its_window_fills_then_an_ema():
+  decay = 0.75  # a window of 4 steps
+  params = [jnp.float32(x) for x in (1.0, 5.0, 3.0, 7.0, 9.0, 2.0)]
+  ema = params[0]  # starts at the initial weights
+  for step in range(1, len(params)):
+    ema = train.update_ema(ema, params[step], step, decay)
+    if step < 4:  # the mean of the weights so far, the initial ones included
+      assert float(ema) == pytest.approx(np.mean(params[: step + 1]))
+  # then each step keeps 3/4 of the average: 4 -> 0.75 * 4 + 0.25 * 9 -> 0.75 * that + 0.25 * 2
+  assert float(ema) == pytest.approx(0.75 * (0.75 * 4.0 + 0.25 * 9.0) + 0.25 * 2.0)
+
+
+def test_an_ema_decay_outside_0_1_is_refused(small):
+  with pytest.raises(ValueError, match=r"`ema_decay` is 1.0, but should lie in \[0, 1\)"):
+    train.create_train_state(train.linen_apply(LeNet()), init_lenet(LeNet(), jax.random.key(0)), 0.1, ema_decay=1.0)
+
+
+def test_several_seeds_do_not_combine_with_a_mesh(small):
+  from conftest import CPU_DEVICES
+
+  from bnjax import sync
+
+  state = new_state(LeNet(), jax.random.key(0), 0.1)
+  mesh = sync.make_mesh(2, devices=CPU_DEVICES[:2])
+  with pytest.raises(ValueError, match=r"`replicated` .* runs on one device; pass `mesh=None`"):
+    train.evaluate(state, small[1], mesh=mesh, replicated=True)

@@ -20,16 +20,22 @@ import numpy as np
 CHECKPOINT, METRICS, LOCK = "checkpoint.msgpack", "metrics.json", ".lock"
 FORMAT = "bnjax-checkpoint-2"  # a SHA-256 over the payload; format 1 (no digest) is still read
 # What a resumed run must share with the checkpoint's run (--epochs may grow), in the checkpoint's words.
-RUN_IDENTITY = ("bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_size", "precise_bn", "data")
+# "seed" is the list of seeds for a run of several (--seeds).
+RUN_IDENTITY = (
+  "bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_size", "precise_bn", "ema", "data"
+)  # fmt: skip
 
 
 class RunError(Exception):
   """A problem the user can act on: printed as one ``error:`` line, no traceback."""
 
 
-def run_config(args: argparse.Namespace, norm: str, precise_bn: int, data: str) -> dict:
-  """The settings that make a run what it is: :data:`RUN_IDENTITY`'s names, ``data`` the data set's fingerprint."""
-  return {"bn": norm, **{k: getattr(args, k) for k in RUN_IDENTITY[1:-2]}, "precise_bn": precise_bn, "data": data}
+def run_config(args: argparse.Namespace, **derived) -> dict:
+  """The settings that make a run what it is, :data:`RUN_IDENTITY`'s names: those in ``derived`` (the variant's
+  ``bn``, its ``precise_bn`` batches and ``ema`` decay, the data set's fingerprint ``data``), the others
+  from ``args``."""
+  seed = args.seeds if len(args.seeds) > 1 else args.seeds[0]
+  return {k: derived[k] if k in derived else getattr(args, k) for k in RUN_IDENTITY} | {"seed": seed}
 
 
 def data_fingerprint(*arrays) -> str:
@@ -129,7 +135,8 @@ def check_runs(out: Path, norms: list[str], args: argparse.Namespace) -> None:
 
 
 def _state_tree(state) -> dict:
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+  tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+  return tree if state.ema_params is None else tree | {"ema_params": state.ema_params}
 
 
 def save_checkpoint(path: Path, state, epoch: int, history: list[dict], config: dict) -> None:
@@ -169,18 +176,20 @@ def restore_checkpoint(path: Path, state, config: dict):
   """``(state, epoch, history)`` from ``path``; RunError for a corrupted file or another run's settings."""
   from flax import serialization
 
+  def unusable(e: Exception) -> RunError:  # msgpack, KeyError, ValueError from shapes, JSON: not a usable checkpoint
+    return RunError(
+      f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e)[:200]}); it is truncated, "
+      "corrupted or not bnjax's. Use --overwrite to start over, or a new --out."
+    )
+
   try:
     raw = read_checkpoint(path)
     saved = json.loads(raw["config"])
-    restored = serialization.from_state_dict(_state_tree(state), raw["state"])
-    epoch, history = int(raw["epoch"]), json.loads(raw["history"])
   except RunError:
     raise
-  except Exception as e:  # msgpack, KeyError, ValueError from shapes, JSON: all mean "not a usable checkpoint"
-    raise RunError(
-      f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e)[:200]}); it is truncated, "
-      "corrupted or not bnjax's. Use --overwrite to start over, or a new --out."
-    ) from None
+  except Exception as e:
+    raise unusable(e) from None
+  # The settings first: another run's state may not even fit this one's (other seeds, no averaged weights).
   # Checkpoints written before a setting was recorded say nothing about it: it is not compared.
   differ = [
     f"--{k.replace('_', '-')} {saved[k]} (now {config[k]})"
@@ -192,4 +201,9 @@ def restore_checkpoint(path: Path, state, config: dict):
       f"--resume: the checkpoint {path} belongs to a run with {', '.join(differ)}; resuming would mix two "
       "runs in one history. Rerun with the checkpoint's settings, or use a new --out."
     )
+  try:
+    restored = serialization.from_state_dict(_state_tree(state), raw["state"])
+    epoch, history = int(raw["epoch"]), json.loads(raw["history"])
+  except Exception as e:
+    raise unusable(e) from None
   return state.replace(**restored), epoch, history[:epoch]

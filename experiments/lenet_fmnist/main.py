@@ -1,13 +1,15 @@
 """Reproduce D2L's "Batch Normalization" chapter: LeNet + BatchNorm on Fashion-MNIST.
 
     python -m experiments.lenet_fmnist                  # ours, the chapter's settings
-    python -m experiments.lenet_fmnist --bn all         # ours, Flax's and no BN, plus a comparison
+    python -m experiments.lenet_fmnist --bn all         # every variant, plus a comparison
+    python -m experiments.lenet_fmnist --seeds 0-7      # 8 seeds side by side (jax.vmap), a distribution
     python -m experiments.lenet_fmnist --resume         # continue from --out's checkpoints
 
 Prints a progress bar per epoch, a line per epoch, then the chapter's lines (loss, train acc,
 test acc, examples/sec) and the first BN layer's gamma and beta. Writes to ``--out/<bn>/``:
 ``checkpoint.msgpack`` (state, epoch, history and the run's settings) and ``metrics.json`` after
-every epoch, ``curves.png``/``curves.svg`` (the chapter's figure) and ``summary.json`` at the end.
+every epoch, ``curves.png``/``curves.svg`` (the chapter's figure) and ``summary.json`` at the end; with
+several seeds also ``seed-S/metrics.json`` per seed, and mean +- std wherever one seed shows a number.
 Every file is written to a temporary name and renamed, so an interruption at any moment leaves the
 last complete checkpoint and never a half-written file; it loses at most the epoch in progress.
 
@@ -27,11 +29,12 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from experiments.lenet_fmnist.arguments import DEFAULT_PRECISE_BATCHES, VARIANTS, parse_args
+from experiments.lenet_fmnist.arguments import DEFAULT_EMA_DECAY, DEFAULT_PRECISE_BATCHES, VARIANTS, parse_args
 from experiments.lenet_fmnist.checkpoint import (
   CHECKPOINT,
   METRICS,
@@ -56,16 +59,26 @@ class Progress:
     self.saved: dict[str, int] = {}
 
 
-def precise_stats(apply, variables, images, num_batches: int, batch_size: int, shuffle_key, epoch: int):
+def precise_stats(apply, variables, images, num_batches: int, batch_size: int, shuffle_key, epoch: int, seeds=1):
   """Precise BN for the chapter: ``num_batches`` random training batches, weights frozen, population statistics.
 
   ``apply`` is the (one-device) model's apply function on uint8 images; pass the same one every epoch,
   so that the compiled program is reused. ``images`` are the host's; every process computes the same.
+  With ``seeds`` > 1, ``variables`` and ``shuffle_key`` hold that many replicas: each gets its own
+  statistics, exactly as its single-seed run (stacked again).
   """
   import jax
   import numpy as np
 
   from bnjax import precise_batch_stats
+  from experiments.lenet_fmnist.train import replica
+
+  if seeds > 1:
+    each = [
+      precise_stats(apply, replica(variables, i), images, num_batches, batch_size, shuffle_key[i], epoch)
+      for i in range(seeds)
+    ]
+    return jax.tree.map(lambda *a: np.stack(a), *each)
 
   count = min(num_batches * batch_size, images.shape[0]) // batch_size * batch_size
   if count == 0:
@@ -80,8 +93,17 @@ def precise_stats(apply, variables, images, num_batches: int, batch_size: int, s
 
 
 def precise_batches(norm: str, args: argparse.Namespace) -> int:
-  """How many batches precise BN uses before every evaluation of this variant (0: off)."""
-  return 0 if norm == "none" else args.precise_bn or (DEFAULT_PRECISE_BATCHES if norm == "ours-precise" else 0)
+  """How many batches precise BN uses before every evaluation of this variant (0: off). Averaged weights
+  (``ours-ema``, ``--ema``) always get statistics of their own: the running averages belong to other weights."""
+  if norm == "none":
+    return 0
+  recompute = norm in ("ours-precise", "ours-ema") or ema_decay(norm, args) > 0
+  return args.precise_bn or (DEFAULT_PRECISE_BATCHES if recompute else 0)
+
+
+def ema_decay(norm: str, args: argparse.Namespace) -> float:
+  """The decay of the weights' moving average this variant is evaluated with (0: the weights themselves)."""
+  return args.ema or (DEFAULT_EMA_DECAY if norm == "ours-ema" else 0.0)
 
 
 def checkpoint_digest(path: Path) -> str | None:
@@ -141,7 +163,11 @@ def run_variant(
   if args.overwrite and main_process:  # explicit: the old run's files go before the new run writes any
     for name in (CHECKPOINT, METRICS, "summary.json", "curves.png", "curves.svg"):
       (out / name).unlink(missing_ok=True)
-  base = norm.removesuffix("-precise")
+    for per_seed in out.glob("seed-*/"):
+      shutil.rmtree(per_seed)
+  base = norm.split("-")[0]  # ours-precise, ours-ema: the ours model
+  seeds = len(args.seeds)
+  replicated = seeds > 1
   axis_name = None if mesh is None else sync.DATA
   model = models.LeNet(norm=base, conv_impl=args.conv_impl, axis_name=axis_name, precision=args.precision)
   if args.api == "nnx":
@@ -150,11 +176,12 @@ def run_variant(
     )
   else:
     apply = train.linen_apply(model)
-  precise = precise_batches(norm, args)
-  config = run_config(args, norm, precise, fingerprint)
+  precise, ema = precise_batches(norm, args), ema_decay(norm, args)
+  config = run_config(args, bn=norm, precise_bn=precise, ema=ema, data=fingerprint)
   # Both APIs start from the linen model's initial variables (same names), so they give the same numbers.
-  variables, shuffle_key = train.init_run(functools.partial(models.init_lenet, model.clone(axis_name=None)), args.seed)
-  state = train.create_train_state(apply, variables, args.lr)
+  init = functools.partial(models.init_lenet, model.clone(axis_name=None))
+  variables, shuffle_key = train.init_run(init, args.seeds if replicated else args.seed)
+  state = train.create_train_state(apply, variables, args.lr, ema_decay=ema, replicated=replicated)
   history: list[dict] = []
   start_epoch = 0
   progress.current = norm
@@ -213,22 +240,28 @@ def run_variant(
       mesh=mesh,
       loop=args.loop,
       on_progress=on_progress,
+      replicated=replicated,
     )
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
     bar.close()
     precise_seconds = 0.0
+    # Evaluated: the weights, or their moving average; with precise BN, statistics recomputed for those.
+    evaluated = state.replace(params=state.ema_params) if ema else state
     if precise:
       t1 = time.perf_counter()
-      now = host_state(state)
+      now = host_state(evaluated)
       variables = {"params": now.params, "batch_stats": now.batch_stats}
       stats = precise_stats(
-        precise_apply, variables, dataset.train_images, precise, args.batch_size, shuffle_key, epoch
+        precise_apply, variables, dataset.train_images, precise, args.batch_size, shuffle_key, epoch, seeds
       )
       stats = jax.block_until_ready(stats)  # (dispatch is asynchronous: time the work)
-      state = state.replace(batch_stats=train.place(sync.to_host(stats), mesh) if mesh is not None else stats)
+      evaluated = evaluated.replace(batch_stats=train.place(sync.to_host(stats), mesh) if mesh is not None else stats)
       precise_seconds = time.perf_counter() - t1
-    tr, te = train.summarize(metrics), train.summarize(train.evaluate(state, test_data, mesh=mesh))
+      if not ema:  # the state keeps them: its checkpoint evaluates to the numbers reported
+        state = evaluated
+    tr = train.summarize(metrics)
+    te = train.summarize(train.evaluate(evaluated, test_data, mesh=mesh, replicated=replicated))
     beat()
     row = {
       "epoch": epoch + 1,
@@ -237,20 +270,21 @@ def run_variant(
       "test_loss": te["loss"],
       "test_acc": te["acc"],
       "train_seconds": seconds,
-      "examples_per_sec": int(sync.to_host(metrics)["count"]) / seconds,
+      "examples_per_sec": int(sync.to_host(metrics)["count"].sum()) / seconds,  # (all seeds' examples)
       "precise_bn_seconds": precise_seconds,
+      **({"seeds": args.seeds} if replicated else {}),
     }
     history.append(row)
-    print(
-      f"[{norm}] epoch {epoch + 1:2d}/{args.epochs}  loss {tr['loss']:.3f}  train acc {tr['acc']:.3f}  "
-      f"test acc {te['acc']:.3f}  {row['examples_per_sec']:,.0f} ex/s  ({seconds:.1f} s)",
-      flush=True,
-    )
+    print(report.epoch_line(norm, row, args.epochs), flush=True)
     # Metrics first, then the checkpoint (which carries the history too): an interruption between the
     # two leaves a checkpoint one epoch behind metrics.json, and resume trims the history to it.
     if main_process:
       record = {"bn": norm, "args": vars(args), "device": report.device_name(), "epochs": history}
       atomic_write_text(metrics_path, json.dumps(record, indent=1))
+      for i, seed in enumerate(args.seeds if replicated else []):  # each seed's history as its own run's
+        seed_record = {**record, "seed": seed, "epochs": report.seed_history(history, i)}
+        (out / f"seed-{seed}").mkdir(exist_ok=True)
+        atomic_write_text(out / f"seed-{seed}" / METRICS, json.dumps(seed_record, indent=1))
       save_checkpoint(ckpt_path, host_state(state), epoch + 1, history, config)
     progress.saved[norm] = epoch + 1
     if watchdog is not None:
@@ -353,6 +387,9 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
       if not args.process_id:
         atomic_write_text(out / "comparison.md", table + "\n")
         report.plot_curves(histories, out / "comparison")
+        report.plot_test_accuracy(histories, out / "comparison_test_acc")
+    if len(args.seeds) > 1 and not args.process_id and all(histories.values()):
+      atomic_write_text(out / "seeds.md", report.seed_table(histories) + "\n")
     barrier("done")
   print(f"wrote {out.resolve()}")
   return summaries
@@ -408,6 +445,8 @@ def setup_devices(args: argparse.Namespace):
   from bnjax import sync
 
   devices = jax.local_device_count() if args.devices is None else args.devices
+  if len(args.seeds) > 1:  # replicas side by side on one device (the flags allow nothing else)
+    devices = 1
   if args.num_processes == 1 and devices == 1 and args.bn_group_size is None:
     return None
   try:
@@ -441,10 +480,16 @@ def main(argv=None) -> list[dict]:
     if args.num_processes < 2 or "Xla" not in type(e).__name__ and "Jax" not in type(e).__name__:
       raise
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    raise SystemExit(
+    print(
       f"error: process {args.process_id} of {args.num_processes}: a collective operation failed ({first}); "
-      "another process has probably died. The last checkpoint is kept: rerun every process with --resume."
-    ) from None
+      "another process has probably died. The last checkpoint is kept: rerun every process with --resume.",
+      file=sys.stderr,
+      flush=True,
+    )
+    # Exit now, as the watchdog does: a normal exit runs JAX's distributed shutdown, which waits for every
+    # process and aborts this one (C++ check failure, status 134) when a peer is dead. Files are closed.
+    sys.stdout.flush()
+    os._exit(3)
   except OSError as e:  # disk full, permissions changed mid-run: name the file, no traceback
     where = f" ({e.filename})" if e.filename else ""
     raise SystemExit(f"error: cannot write the run's files{where}: {e.strerror or e}") from None

@@ -10,6 +10,10 @@ over one or several processes.
   host-to-device copies. Full batches run in chunks of steps inside one ``lax.scan`` (``loop="scan"``)
   or one step per call (``"step"``); the remainder batch is padded and masked. Metrics accumulate on
   the device and are read once per epoch.
+* Several seeds train side by side (``replicated=True``): every array of the state, the shuffle key and
+  the metrics has a leading replica axis, and the same programs run under ``jax.vmap`` over it (one
+  compiled program for all seeds; the data are shared).
+* ``ema_decay`` keeps an exponential moving average of the parameters (``ema_params``) for evaluation.
 * On a mesh (:func:`bnjax.sync.make_mesh`) the same step runs inside ``shard_map``: the global batch
   is split over every device, BN layers (``axis_name=bnjax.sync.DATA``) combine their statistics over
   it, the gradient of the global mean loss is taken outside the ``shard_map`` (so JAX's transpose of
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
@@ -41,9 +45,23 @@ MESH_AXES = (sync.GROUP, sync.DATA)
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and the model's running batch statistics (``apply_fn`` is an :data:`Apply`)."""
+  """Parameters, optimizer state and the model's running batch statistics (``apply_fn`` is an :data:`Apply`);
+  with ``ema_decay`` > 0, also the moving average of the parameters (``ema_params``, see :func:`update_ema`)."""
 
   batch_stats: Any
+  ema_params: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+
+def update_ema(ema, params, step, decay: float):
+  """The parameters' moving average after ``step`` SGD steps (``ema`` started at the initial parameters).
+
+  The rate is ``max(1 - decay, 1 / (step + 1))``: the plain average of every parameter vector so far until
+  ``1 / (1 - decay)`` steps have passed, an exponential moving average over about that many steps after.
+  (A plain EMA from the initial weights would keep ``decay ** step`` of them: 39% after one epoch at 0.996.)
+  """
+  rate = jnp.maximum(1.0 - decay, 1.0 / (jnp.asarray(step, jnp.float32) + 1.0))
+  return optax.incremental_update(params, ema, rate)
 
 
 def linen_apply(model: nn.Module) -> Apply:
@@ -86,26 +104,47 @@ def nnx_apply(model: nnx.Module) -> Apply:
   return apply
 
 
-def init_run(init: Callable[[jax.Array], dict], seed: int) -> tuple[dict, jax.Array]:
+def init_run(init: Callable[[jax.Array], dict], seed: int | list[int]) -> tuple[dict, jax.Array]:
   """``(variables, shuffle_key)`` for a run's ``seed``: the chapter's key split and ``init(init_key)``, in one
-  compiled program (the key made from a uint32 seed inside it is the one ``jax.random.key(seed)`` gives)."""
+  compiled program (the key made from a uint32 seed inside it is the one ``jax.random.key(seed)`` gives).
+
+  With a list of seeds, the replicas' variables and keys stacked along a leading axis (``jax.vmap`` of the
+  same program: each replica's are exactly its single seed's).
+  """
+  if isinstance(seed, (list, tuple)):
+    return _init_runs(init, np.asarray(seed, np.uint32))
   return _init_run(init, np.uint32(seed))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_run(init, seed):
+def _init_one(init, seed):
   init_key, shuffle_key = jax.random.split(jax.random.key(seed))
   return init(init_key), shuffle_key
 
 
-def create_train_state(apply_fn: Apply, variables: dict, learning_rate: float) -> TrainState:
-  """Plain SGD, as the chapter does, over ``variables`` (``{"params"[, "batch_stats"]}``)."""
-  return TrainState.create(
-    apply_fn=apply_fn,
-    params=variables["params"],
-    batch_stats=variables.get("batch_stats", {}),
-    tx=optax.sgd(learning_rate),
-  )
+_init_run = jax.jit(_init_one, static_argnums=0)
+_init_runs = jax.jit(jax.vmap(_init_one, in_axes=(None, 0)), static_argnums=0)
+
+
+def create_train_state(
+  apply_fn: Apply, variables: dict, learning_rate: float, *, ema_decay: float = 0.0, replicated: bool = False
+) -> TrainState:
+  """Plain SGD, as the chapter does, over ``variables`` (``{"params"[, "batch_stats"]}``); ``replicated``:
+  ``variables`` are several replicas' stacked along a leading axis (:func:`init_run` with a list of seeds)."""
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"`ema_decay` is {ema_decay}, but should lie in [0, 1) (0: no moving average).")
+
+  def create(variables):
+    return TrainState.create(
+      apply_fn=apply_fn,
+      params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}),
+      tx=optax.sgd(learning_rate),
+      # A copy: the training step donates its state's buffers, and one buffer must not be donated twice.
+      ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema_decay else None,
+      ema_decay=ema_decay,
+    )
+
+  return jax.vmap(create)(variables) if replicated else create(variables)
 
 
 def batch_loss_and_metrics(logits, labels, mask=None, axis_names=None) -> tuple[jax.Array, Metrics]:
@@ -142,11 +181,16 @@ def add_metrics(a: Metrics, b: Metrics) -> Metrics:
   return jax.tree.map(jnp.add, a, b)
 
 
-def summarize(metrics: Metrics) -> dict[str, float]:
-  """Host-side averages: ``loss`` (mean per example) and ``acc``."""
+def summarize(metrics: Metrics) -> dict:
+  """Host-side averages: ``loss`` (mean per example) and ``acc``; floats, or lists of them per replica."""
   m = sync.to_host(metrics)
-  count = max(int(m["count"]), 1)
-  return {"loss": float(m["loss_sum"]) / count, "acc": int(m["correct"]) / count}
+  count = np.maximum(m["count"].astype(np.int64), 1)
+  return {"loss": (m["loss_sum"].astype(np.float64) / count).tolist(), "acc": (m["correct"] / count).tolist()}
+
+
+def replica(tree, i: int):
+  """Replica ``i`` of a replicated pytree (its arrays' row ``i``)."""
+  return jax.tree.map(lambda a: a[i], tree)
 
 
 # x / 255 for every uint8 value, computed by NumPy: XLA would rewrite a division by the constant 255 as a
@@ -194,7 +238,10 @@ def train_step(state: TrainState, images, labels, mask=None, mesh: Mesh | None =
   grads, (batch_stats, metrics) = jax.grad(lambda p: loss(p, state.batch_stats, images, labels, mask), has_aux=True)(
     state.params
   )
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema_decay:
+    state = state.replace(ema_params=update_ema(state.ema_params, state.params, state.step, state.ema_decay))
+  return state, metrics
 
 
 def batch_indices(perm: jax.Array, start, batch_size: int, valid=None) -> tuple[jax.Array, jax.Array | None]:
@@ -208,22 +255,30 @@ def batch_indices(perm: jax.Array, start, batch_size: int, valid=None) -> tuple[
   return perm[pos % perm.shape[0]], jnp.arange(batch_size) < valid
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_steps", "mesh"), donate_argnums=(0, 1))
-def _train_steps(state, metrics, images, labels, perm, start, valid, *, batch_size, num_steps, mesh):
+def over_replicas(fn: Callable, replicated: bool, in_axes) -> Callable:
+  """``fn`` as it is, or ``jax.vmap``-ed over the replica axis of the arguments whose ``in_axes`` is 0."""
+  return jax.vmap(fn, in_axes=in_axes) if replicated else fn
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_steps", "mesh", "replicated"), donate_argnums=(0, 1))
+def _train_steps(state, metrics, images, labels, perm, start, valid, *, batch_size, num_steps, mesh, replicated):
   """``num_steps`` consecutive batches of ``perm`` from ``start`` in one program (the last one padded
   to ``batch_size`` and masked when ``valid`` is given)."""
 
-  def step(carry, i):
-    state, metrics = carry
-    idx, mask = batch_indices(perm, start + i * batch_size, batch_size, valid)
-    if mesh is not None and mask is None:
-      mask = jnp.ones((batch_size,), bool)  # shards of a global batch are always masked (one program)
-    state, m = train_step(state, jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), mask, mesh)
-    return (state, add_metrics(metrics, m)), None
+  def steps(state, metrics, perm):
+    def step(carry, i):
+      state, metrics = carry
+      idx, mask = batch_indices(perm, start + i * batch_size, batch_size, valid)
+      if mesh is not None and mask is None:
+        mask = jnp.ones((batch_size,), bool)  # shards of a global batch are always masked (one program)
+      state, m = train_step(state, jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), mask, mesh)
+      return (state, add_metrics(metrics, m)), None
 
-  if num_steps == 1:
-    return step((state, metrics), 0)[0]
-  return jax.lax.scan(step, (state, metrics), jnp.arange(num_steps))[0]
+    if num_steps == 1:
+      return step((state, metrics), 0)[0]
+    return jax.lax.scan(step, (state, metrics), jnp.arange(num_steps))[0]
+
+  return over_replicas(steps, replicated, (0, 0, 0))(state, metrics, perm)
 
 
 def epoch_plan(num_examples: int, batch_size: int) -> list[tuple[int, int]]:
@@ -273,12 +328,16 @@ def place(tree, mesh: Mesh | None):
   return tree if mesh is None else sync.replicate(tree, mesh)
 
 
-@functools.partial(jax.jit, static_argnames="num")
-def _epoch_start(key, epoch, *, num):
+@functools.partial(jax.jit, static_argnames=("num", "replicated"))
+def _epoch_start(key, epoch, *, num, replicated):
   """The epoch's order (``key``, with ``epoch`` folded in when given) and zero metrics: one program."""
-  if epoch is not None:
-    key = jax.random.fold_in(key, epoch)
-  return jax.random.permutation(key, num), zero_metrics()
+
+  def start(key):
+    if epoch is not None:
+      key = jax.random.fold_in(key, epoch)
+    return jax.random.permutation(key, num), zero_metrics()
+
+  return over_replicas(start, replicated, 0)(key)
 
 
 def train_epoch(
@@ -293,9 +352,11 @@ def train_epoch(
   scan_chunk: int = 47,
   on_progress: Callable[[int], None] | None = None,
   sync_every: int = 16,
+  replicated: bool = False,
 ) -> tuple[TrainState, Metrics]:
   """One pass over ``data`` in ``key``'s order (the same order on one device or a mesh); with ``epoch``,
-  in the order of ``fold_in(key, epoch)``.
+  in the order of ``fold_in(key, epoch)``. ``replicated``: ``state`` and ``key`` hold several replicas
+  (seeds) along a leading axis, each trained in its own order; metrics come back per replica.
 
   ``on_progress(n)`` is called with the number of batches just finished; the loop waits for the
   device every ``sync_every`` steps (or every scan chunk) so that progress is real, not dispatched.
@@ -304,6 +365,7 @@ def train_epoch(
     raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
   if loop not in LOOPS:
     raise ValueError(f"`loop` is {loop!r}, but should be one of {LOOPS}.")
+  check_replicas(mesh, replicated)
   if mesh is not None:
     sync.check_divisible(mesh, batch_size)
   num = data.labels.shape[0]
@@ -311,7 +373,7 @@ def train_epoch(
   num_full = sum(size == batch_size for _, size in plan)  # the plan's full batches come first
   chunks = [1] * num_full if loop == "step" else scan_chunks(num_full, scan_chunk)
   chunks += [1] * (len(plan) - num_full)
-  perm, metrics = _epoch_start(key, epoch, num=num)
+  perm, metrics = _epoch_start(key, epoch, num=num, replicated=replicated)
   if mesh is not None:
     perm, metrics = place(jax.device_get((perm, metrics)), mesh)
   done = pending = 0  # batches dispatched, and dispatched since progress was last reported
@@ -319,7 +381,16 @@ def train_epoch(
     start, size = plan[done]
     valid = None if size == batch_size else place(np.int32(size), mesh)
     state, metrics = _train_steps(
-      state, metrics, *data, perm, place(np.int32(start), mesh), valid, batch_size=batch_size, num_steps=n, mesh=mesh
+      state,
+      metrics,
+      *data,
+      perm,
+      place(np.int32(start), mesh),
+      valid,
+      batch_size=batch_size,
+      num_steps=n,
+      mesh=mesh,
+      replicated=replicated,
     )
     done, pending = done + n, pending + n
     if on_progress is not None and (n > 1 or pending >= sync_every or done == len(plan)):
@@ -337,8 +408,13 @@ def eval_batch(images: jax.Array, labels: jax.Array, i, batch_size: int):
   return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0), pos < n
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "mesh"))
-def _evaluate(state, images, labels, *, batch_size, mesh):
+def check_replicas(mesh: Mesh | None, replicated: bool) -> None:
+  if replicated and mesh is not None:
+    raise ValueError("`replicated` (several seeds side by side) runs on one device; pass `mesh=None`.")
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "mesh", "replicated"))
+def _evaluate(state, images, labels, *, batch_size, mesh, replicated):
   """Evaluation metrics of the whole set in one program: a scan over batches, the last one padded and masked."""
 
   def local_metrics(params, batch_stats, x, y, mask, axis_names):
@@ -347,18 +423,25 @@ def _evaluate(state, images, labels, *, batch_size, mesh):
 
   metrics_of = on_mesh(local_metrics, mesh, (_R, _R, _B, _B, _B), _R)
 
-  def body(metrics, i):
-    x, y, mask = eval_batch(images, labels, i, batch_size)
-    return add_metrics(metrics, metrics_of(state.params, state.batch_stats, x, y, mask)), None
+  def evaluate_all(params, batch_stats):
+    def body(metrics, i):
+      x, y, mask = eval_batch(images, labels, i, batch_size)
+      return add_metrics(metrics, metrics_of(params, batch_stats, x, y, mask)), None
 
-  return jax.lax.scan(body, zero_metrics(), jnp.arange(-(-images.shape[0] // batch_size)))[0]
+    return jax.lax.scan(body, zero_metrics(), jnp.arange(-(-images.shape[0] // batch_size)))[0]
+
+  return over_replicas(evaluate_all, replicated, (0, 0))(state.params, state.batch_stats)
 
 
-def evaluate(state: TrainState, data: Data, batch_size: int = 1000, *, mesh: Mesh | None = None) -> Metrics:
-  """Metrics in evaluation mode (running statistics), summed on the device by one compiled program."""
+def evaluate(
+  state: TrainState, data: Data, batch_size: int = 1000, *, mesh: Mesh | None = None, replicated: bool = False
+) -> Metrics:
+  """Metrics in evaluation mode (running statistics), summed on the device by one compiled program
+  (per replica when ``replicated``)."""
   if batch_size < 1:
     raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
+  check_replicas(mesh, replicated)
   batch_size = min(batch_size, max(data.labels.shape[0], 1))
   if mesh is not None:  # a whole number of examples per device
     batch_size = -(-batch_size // mesh.size) * mesh.size
-  return _evaluate(state, *data, batch_size=batch_size, mesh=mesh)
+  return _evaluate(state, *data, batch_size=batch_size, mesh=mesh, replicated=replicated)
