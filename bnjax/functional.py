@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -120,7 +119,10 @@ def ema(running: jax.Array, batch: jax.Array, momentum: float | jax.Array) -> ja
   """
   dtype = jnp.promote_types(running.dtype, batch.dtype)
   m = jnp.asarray(momentum, real_dtype(dtype))
-  return (m * running.astype(dtype) + (1 - m) * batch.astype(dtype)).astype(dtype)
+  # A Python momentum: 1 - momentum in double, rounded once, as Flax does (1 - float32(0.99) is not
+  # float32(0.01), and that last bit would make every update differ from Flax's).
+  rest = jnp.asarray(1 - momentum, m.dtype) if isinstance(momentum, (int, float)) else 1 - m
+  return (m * running.astype(dtype) + rest * batch.astype(dtype)).astype(dtype)
 
 
 def _abs2(v: jax.Array) -> jax.Array:
@@ -584,12 +586,6 @@ def _check_training(
       f"`x` has shape {tuple(x.shape)}, whose batch axis {batch_axis} has {x.shape[batch_axis]} examples, not "
       f"divisible by `virtual_batch_size` {virtual_batch_size}; use a batch size that is a multiple of it."
     )
-  if math.prod(x.shape[a] for a in reduction_axes) == 1 and axis_name is None and mask is None:
-    warnings.warn(
-      f"bnjax.batch_norm: `x` has shape {tuple(x.shape)} with feature axes {feature_axes}, so the training-mode "
-      "statistics are over a single value per feature (a batch of 1): the variance is 0 and the output is `bias`.",
-      stacklevel=3,
-    )
 
 
 class Grouping(NamedTuple):
@@ -793,7 +789,8 @@ def batch_norm(
     keep their dtype unless the batch statistics are more precise (float64 input, complex mean).
 
   A training batch with a single value per feature (one example, no spatial axes) is accepted, as
-  in Flax: its variance is 0, so ``y = bias``; a warning says so once.
+  in Flax and without a warning (Flax does not warn, and a drop-in must not break code that runs
+  with warnings as errors, e.g. shape inference on one example): its variance is 0, so ``y = bias``.
 
   Raises:
     TypeError: ``x`` that is not numeric, ``stats`` of the wrong type or an integer dtype, a

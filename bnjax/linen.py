@@ -6,7 +6,6 @@ the train/eval switch); the math is :func:`bnjax.batch_norm`.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
@@ -147,26 +146,21 @@ class BatchNorm(Module):
     out_dtype = dtypes.canonicalize_dtype(*(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)
     # A traced flag (possible under jit) selects inside batch_norm; the statistics are then always written.
     mode = check_mode(use_running_average)
-    with warnings.catch_warnings():
-      if initializing:  # init's sample batch is often a single example, and nothing is learned from it
-        warnings.simplefilter("ignore")
-        # As in Flax, nothing is synchronized (or learned) while initializing.
-        overrides = {"axis_name": None, "axis_index_groups": None}
-      else:
-        overrides = {}
-      y, new_stats = call_batch_norm(
-        self,
-        x,
-        scale,
-        bias,
-        {name: v.value for name, v in variables.items()},
-        mode=mode,
-        axis=feature_axes,
-        mask=mask,
-        renorm_clipping=renorm_clipping,
-        dtype=out_dtype,
-        **overrides,
-      )
+    # As in Flax, nothing is synchronized (or learned) while initializing.
+    overrides = {"axis_name": None, "axis_index_groups": None} if initializing else {}
+    y, new_stats = call_batch_norm(
+      self,
+      x,
+      scale,
+      bias,
+      {name: v.value for name, v in variables.items()},
+      mode=mode,
+      axis=feature_axes,
+      mask=mask,
+      renorm_clipping=renorm_clipping,
+      dtype=out_dtype,
+      **overrides,
+    )
     if mode is not True and not initializing and self.update_stats:
       for name, variable in variables.items():
         variable.value = getattr(new_stats, name)

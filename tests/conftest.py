@@ -6,6 +6,7 @@ first imported, which is why it lives here. The suite pins float32 matmuls and c
 float32 (``highest``): XLA's default on GPUs is TF32, which no tolerance here is meant to absorb.
 """
 
+import gc
 import os
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -24,6 +25,19 @@ def private_compile_cache(tmp_path_factory):
   os.environ["BNJAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Frees each test module's compiled programs when it ends.
+
+  XLA:CPU maps memory for every program it compiles; one process running the whole suite kept all
+  of them, reached the kernel's limit on memory maps (65,530) and crashed with a segmentation fault
+  inside the compiler. Clearing JAX's caches per module keeps the process at a few hundred maps.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
+
+
 CPU_DEVICES = jax.devices("cpu")  # 4 host devices, whatever the default backend
 
 
@@ -39,6 +53,22 @@ def new_state(model, key, lr):
 def rng():
   """A fresh, seeded NumPy generator per test."""
   return np.random.default_rng(0)
+
+
+def pytest_sessionfinish(session):
+  """Under pytest-xdist, a worker hands its largest differences to the controller, which prints them."""
+  from tolerance import MAX_DIFFS
+
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["max_diffs"] = dict(MAX_DIFFS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  from tolerance import MAX_DIFFS
+
+  for check, diff in getattr(node, "workeroutput", {}).get("max_diffs", {}).items():
+    MAX_DIFFS[check] = max(MAX_DIFFS.get(check, 0.0), diff)
 
 
 def pytest_terminal_summary(terminalreporter):

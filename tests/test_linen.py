@@ -49,6 +49,23 @@ def test_same_outputs_and_batch_stats_as_flax_in_train_and_eval(rng, shape):
   assert_trees_close(ours.apply(variables, x, train=False), theirs.apply(variables, x, train=False))
 
 
+@pytest.mark.parametrize("with_mask", [False, True], ids=["all", "masked rows"])
+def test_bit_for_bit_flax_with_flax_s_default_fast_variance(rng, with_mask):
+  # Flax's own NNX-vs-linen tests compare with exact equality; with the same formula we pass them too.
+  x = (2.0 + 3.0 * rng.standard_normal((10, 5))).astype(np.float32)
+  mask = np.broadcast_to((np.arange(10) % 3 != 0)[:, None], x.shape) if with_mask else None
+  theirs = nn.BatchNorm(use_running_average=False)
+  ours = bnjax.BatchNorm(use_running_average=False, use_fast_variance=True)
+  variables = theirs.init(jax.random.key(1), x)
+  for _ in range(3):
+    y_t, upd_t = theirs.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    y_o, upd_o = ours.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    valid = np.ones(len(x), bool) if mask is None else mask[:, 0]  # masked rows: placeholders (README)
+    np.testing.assert_array_equal(y_o[valid], y_t[valid])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, upd_o, upd_t)
+    variables, x = {**variables, **upd_o}, x * 1.1 + 0.3
+
+
 def test_matches_flax_default_fast_variance_when_well_conditioned(rng):
   x = rng.standard_normal((32, 6)).astype(np.float32)
   theirs, ours = nn.BatchNorm(use_running_average=False), bnjax.BatchNorm(use_running_average=False)

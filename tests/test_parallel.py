@@ -273,7 +273,7 @@ def test_a_process_that_never_arrives_ends_the_others_in_bounded_time(five_step_
 
 
 def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp_path):
-  procs = launch(five_step_data, tmp_path / "o", 2, "--epochs", "200", "--timeout", "40")
+  procs = launch(five_step_data, tmp_path / "o", 2, "--epochs", "200", "--timeout", "60")
   try:
     deadline = time.monotonic() + 180
     seen = ""
@@ -282,15 +282,15 @@ def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp
       seen += procs[0].stdout.readline()
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    _, err = procs[0].communicate(timeout=120)
+    _, err = procs[0].communicate(timeout=180)
   finally:
     for p in procs:
       p.kill()
   # Status 3 however the survivor learns of the death (its watchdog, or a failed collective), never the
   # runtime's C++ abort at shutdown (status 134, "Check failure stack trace").
-  assert procs[0].returncode == 3 and time.monotonic() - killed < 90, err[-2000:]
+  assert procs[0].returncode == 3 and time.monotonic() - killed < 150, err[-2000:]
   errors = [line for line in err.splitlines() if line.startswith("error:")]
-  assert errors and ("no progress for 40 s" in errors[-1] or "a collective operation failed" in errors[-1]), err[-2000:]
+  assert errors and ("no progress for 60 s" in errors[-1] or "a collective operation failed" in errors[-1]), err[-2000:]
   assert "Traceback" not in err and "Check failure" not in err
 
 

@@ -414,6 +414,7 @@ def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
   # Everything that shapes the trajectory, for the processes to agree on (not where each one runs from).
   local = ("process_id", "coordinator", "no_progress", "compile_cache", "no_compile_cache", "data_dir", "timeout")
   settings = {**{k: v for k, v in vars(args).items() if k not in local}, "data": fingerprint}
+  del settings["seeds"]  # several processes train one seed (arguments.py refuses more): "seed" says it
   if args.resume:  # every process must resume from the same checkpoint (--out must be shared)
     settings["checkpoints"] = {norm: checkpoint_digest(out / norm / CHECKPOINT) for norm in norms}
   agree_across_processes(settings)
