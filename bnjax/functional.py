@@ -547,15 +547,12 @@ def as_input(x: Any) -> jax.Array:
 def _check_training(
   x,
   stats,
-  feature_axes,
   reduction_axes,
   momentum,
   update_stats,
   renorm,
   virtual_batch_size,
   track_num_batches,
-  axis_name,
-  mask,
 ):
   """Training-mode requirements of the options and of the batch, checked before any work."""
   for needed, why in (
@@ -823,19 +820,7 @@ def batch_norm(
   if use_running_average is True:
     return evaluate()
 
-  _check_training(
-    x,
-    stats,
-    feature_axes,
-    reduction_axes,
-    momentum,
-    update_stats,
-    renorm,
-    virtual_batch_size,
-    track_num_batches,
-    axis_name,
-    mask,
-  )
+  _check_training(x, stats, reduction_axes, momentum, update_stats, renorm, virtual_batch_size, track_num_batches)
   reduce_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
   grouping = Grouping.of(x.shape, feature_axes, reduction_axes[0], virtual_batch_size)
   layout = grouping.layout

@@ -30,8 +30,9 @@ def release_compiled_programs():
   """Frees each test module's compiled programs when it ends.
 
   XLA:CPU maps memory for every program it compiles; one process running the whole suite kept all
-  of them, reached the kernel's limit on memory maps (65,530) and crashed with a segmentation fault
-  inside the compiler. Clearing JAX's caches per module keeps the process at a few hundred maps.
+  of them, its map count climbing toward the kernel's limit (65,530), and CI's run crashed with a
+  segmentation fault inside the compiler near the end. Clearing JAX's caches per module brings the
+  count back to a few hundred at every module boundary.
   """
   yield
   jax.clear_caches()
