@@ -12,6 +12,7 @@ import sys
 
 import flax.nnx
 import flax.nnx.nn.normalization
+import pytest
 
 import bnjax.nnx
 
@@ -37,6 +38,39 @@ def _tests_building_batch_norm(path: pathlib.Path) -> set[str]:
   return names
 
 
+# Flax's linen-equivalence tests compare nnx with linen by exact equality. Where bnjax differs from Flax on
+# purpose (README, "Deliberate differences from Flax") they are expected to fail, and strictly so: a case
+# that starts passing, or one not listed here that fails, shows up in the summary. Matched on absl's
+# parameter string of each case: (test name, substrings its parameters all contain, reason).
+DELIBERATE = (
+  (
+    "test_nnx_linen_batchnorm_equivalence",
+    ("mask=array(",),
+    "the mask removes whole features: Flax's statistics and outputs are NaN, bnjax keeps the running "
+    "statistics and gives finite placeholder outputs",
+  ),
+  (
+    "test_nnx_linen_batchnorm_equivalence",
+    ("use_fast_variance=False, mask=None",),
+    "bnjax's two-pass mean is refined by the mean deviation (closer to float64), so its last bit can differ",
+  ),
+  (
+    "test_nnx_linen_spectralnorm_equivalence",
+    ("(dtype=<class 'jax.numpy.float32'>", "update_stats=True"),  # without an update no variance is computed
+    "float32 with the default variance: bnjax's default is the stable two-pass variance, Flax's the "
+    "one-pass one (1-ulp differences; both pass with use_fast_variance=True)",
+  ),
+)
+
+
+def _deliberate_difference(item) -> str | None:
+  params = getattr(getattr(item, "obj", None), "__x_params_repr__", None) or ""
+  for test, needles, reason in DELIBERATE:
+    if item.name.startswith(test) and all(needle in params for needle in needles):
+      return reason
+  return None
+
+
 def pytest_collection_modifyitems(config, items):
   selected = {}
   keep = []
@@ -50,6 +84,11 @@ def pytest_collection_modifyitems(config, items):
       keep.append(item)
   config.hook.pytest_deselected(items=[item for item in items if item not in keep])
   items[:] = keep
+  if SWAP:
+    for item in keep:
+      reason = _deliberate_difference(item)
+      if reason:
+        item.add_marker(pytest.mark.xfail(strict=True, reason=f"deliberate difference: {reason}"))
   for name, module in sys.modules.items():
     nnx = getattr(module, "nnx", None)
     if name.endswith("_test") and getattr(nnx, "BatchNorm", USED) is not USED:

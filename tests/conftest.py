@@ -6,11 +6,25 @@ first imported, which is why it lives here. The suite pins float32 matmuls and c
 float32 (``highest``): XLA's default on GPUs is TF32, which no tolerance here is meant to absorb.
 """
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+# One persistent compilation cache for the whole run, this process and every process it starts (the
+# CLI's default via BNJAX_COMPILE_CACHE, JAX's own via its environment variables): tests that train
+# the same LeNet on the same shapes load its programs instead of compiling them again (a 2-epoch CLI
+# run on the fixture: ~12 s compiling, ~2 s from the cache). A fresh directory, so nothing is reused
+# across runs or code versions; the user's cache is never touched.
+XLA_CACHE = tempfile.mkdtemp(prefix="bnjax-tests-xla-")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+os.environ["BNJAX_COMPILE_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -18,18 +32,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The same hypothesis examples on every run, so CI's verdict does not depend on a random draw (a random
-# draw found an ill-conditioned case, shape (5, 1) float32, off by 1.3e-4 relative; see the note).
+# The same hypothesis examples on every run, so CI's verdict does not depend on a random draw. (A random
+# draw once found a nearly constant feature normalized 1e-3 off; it is now a test of its own in
+# test_functional.py, and the property test holds float32 to the "rounding" tolerance.)
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_compile_cache(tmp_path_factory):
-  """The CLI's default compilation cache, for this run only: the tests never write to the user's."""
-  os.environ["BNJAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla-cache"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,6 @@ def cli(fmnist_dir, out, *extra):
     "--batch-size",
     "64",
     "--no-progress",
-    "--no-compile-cache",
     "--devices",  # the one-device path (conftest gives this process 4 host devices; see test_parallel.py)
     "1",
     *extra,
@@ -128,11 +127,22 @@ def test_resume_refuses_a_run_directory_without_a_checkpoint(fmnist_dir, tmp_pat
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--resume"))
 
 
-@pytest.mark.parametrize("flag,value", [("--lr", "0.5"), ("--batch-size", "32"), ("--seed", "3")])
+@pytest.mark.parametrize(
+  "flag,value",
+  [
+    ("--lr", "0.5"),
+    ("--batch-size", "32"),
+    ("--seed", "3"),
+    ("--precision", "high"),
+    ("--conv-impl", "im2col"),
+    ("--bn-group-size", "2"),  # both runs on 4 devices
+  ],
+)
 def test_resume_with_other_settings_is_refused(fmnist_dir, tmp_path, flag, value):
-  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  devices = ["--devices", "4"] if flag == "--bn-group-size" else []
+  lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "1"), *devices])
   with pytest.raises(SystemExit, match=rf"error: --resume: .*belongs to a run with {flag} .*\(now {value}"):
-    lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"), flag, value])
+    lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"), *devices, flag, value])
 
 
 def test_a_corrupted_checkpoint_is_named_on_resume(fmnist_dir, tmp_path):
@@ -182,8 +192,7 @@ def launch(fmnist_dir, out, *extra, cache=None):
   from pathlib import Path
 
   root = Path(__file__).resolve().parents[1]
-  flags = ["--compile-cache", str(cache)] if cache else ["--no-compile-cache"]
-  args = [a for a in cli(fmnist_dir, out, *extra) if a != "--no-compile-cache"] + flags
+  args = cli(fmnist_dir, out, *extra) + (["--compile-cache", str(cache)] if cache else [])
   return subprocess.Popen(
     [sys.executable, "-m", "experiments.lenet_fmnist", *args],
     cwd=root,
@@ -212,16 +221,18 @@ def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_pat
   out, cache = tmp_path / "run", tmp_path / "cache"
   random.seed(0)
   for attempt in range(3):
-    proc = launch(fmnist_dir, out, "--epochs", "60", *(["--resume"] if attempt else []), cache=cache)
+    # So many epochs that no attempt can end before its kill, however fast the machine.
+    proc = launch(fmnist_dir, out, "--epochs", "1000000", *(["--resume"] if attempt else []), cache=cache)
     wait_for_epoch_line(proc, 2)  # epoch 1's files are complete; epoch 2's are being written
     time.sleep(random.uniform(0.0, 0.5))  # lands anywhere in an epoch, including inside a save
     proc.kill()
     proc.communicate()
     assert (out / "ours" / "checkpoint.msgpack").is_file()
     assert json.loads((out / "ours" / "metrics.json").read_text())["epochs"]
-  (summary,) = lenet_fmnist.main(cli(fmnist_dir, out, "--epochs", "62", "--resume"))
+  saved = read_checkpoint(out / "ours" / "checkpoint.msgpack")["epoch"]
+  (summary,) = lenet_fmnist.main(cli(fmnist_dir, out, "--epochs", str(saved + 2), "--resume"))
   history = json.loads((out / "ours" / "metrics.json").read_text())["epochs"]
-  assert [e["epoch"] for e in history] == list(range(1, 63)) and np.isfinite(summary["train_loss"])
+  assert [e["epoch"] for e in history] == list(range(1, saved + 3)) and np.isfinite(summary["train_loss"])
 
 
 def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(fmnist_dir, tmp_path):
@@ -248,6 +259,20 @@ def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnis
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err
   assert err.count("note: compilation cache") == 1 and "cannot be written" in err
+
+
+def test_no_compile_cache_reads_and_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path):
+  import jax
+
+  before = jax.config.jax_compilation_cache_dir  # the suite's own cache (conftest.py)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax-cache"))
+  try:
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--no-compile-cache"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax-cache")  # set back afterwards
+    assert jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+  assert not (tmp_path / "jax-cache").exists() or not any((tmp_path / "jax-cache").iterdir())
 
 
 def test_api_nnx_gives_the_linen_runs_numbers_and_files(fmnist_dir, tmp_path, norm="ours"):
@@ -313,16 +338,31 @@ def test_a_second_run_into_the_same_out_is_refused_even_with_overwrite(fmnist_di
   lenet_fmnist.main(cli(fmnist_dir, out, "--epochs", "1"))  # released: the next run goes ahead
 
 
+def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale_lock(fmnist_dir, tmp_path):
+  import signal
+
+  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000")  # cannot finish during the test
+  try:
+    wait_for_epoch_line(proc, 2)  # well into its training, checkpoints saved
+    with pytest.raises(SystemExit, match=rf"is in use by another run \(process {proc.pid}\)"):
+      lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite"))
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+  assert (tmp_path / "run" / ".lock").exists()  # left behind by the killed run, but not held
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite"))
+
+
 @pytest.mark.parametrize(
   "change,pattern",
   [
-    ("data", r"--data \d+\+\d+ examples:\w+ \(now \d+\+\d+ examples:\w+\)"),
+    ("data", r"--data (\d+\+\d+) examples:(\w+) \(now \1 examples:(?!\2)\w+\)"),  # same counts, other images
     ("precise", r"--precise-bn 0 \(now 2\)"),
   ],
 )
 def test_resume_with_other_data_or_precise_bn_is_refused(fmnist_dir, tmp_path, change, pattern):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
-  other = make_fmnist_dir(tmp_path / "other", n_train=300, n_test=50, seed=1)
+  other = make_fmnist_dir(tmp_path / "other", seed=1)  # fmnist_dir's counts: only the content differs
   extra = ["--precise-bn", "2"] if change == "precise" else []
   data = other if change == "data" else fmnist_dir
   with pytest.raises(SystemExit, match=rf"error: --resume: .*belongs to a run with {pattern}"):
@@ -333,10 +373,12 @@ def test_leftovers_of_killed_writers_are_cleaned_and_an_unsaved_run_says_to_over
   run = tmp_path / "out" / "ours"
   run.mkdir(parents=True)
   (run / ".checkpoint.msgpack.999999.tmp").write_bytes(b"half a checkpoint")
+  (run / "seed-3").mkdir()  # --seeds runs keep per-seed files one level deeper
+  (run / "seed-3" / ".metrics.json.999999.tmp").write_text("{")
   (run / "metrics.json").write_text("{}")  # killed during its first checkpoint write
   with pytest.raises(SystemExit, match=r"holds files of a run that saved no checkpoint .*pass --overwrite"):
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "out", "--epochs", "1"))
-  assert not list(run.glob(".*.tmp"))
+  assert not list(run.rglob(".*.tmp"))
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "out", "--epochs", "1", "--overwrite"))
 
 
@@ -348,10 +390,11 @@ def test_leftovers_of_killed_writers_are_cleaned_and_an_unsaved_run_says_to_over
     (100, 16, ["--bn", "ours-precise", "--batch-size", "128"], r"precise BN needs at least one full batch of 128"),
   ],
 )
-def test_too_little_data_is_one_error_line_before_training(tmp_path, n_train, n_test, extra, pattern):
+def test_too_little_data_is_one_error_line_before_training(tmp_path, capsys, n_train, n_test, extra, pattern):
   d = make_fmnist_dir(tmp_path / "d", n_train=n_train, n_test=n_test)
   with pytest.raises(SystemExit, match=pattern):
     lenet_fmnist.main([*cli(d, tmp_path / "run", "--epochs", "1"), *extra])
+  assert "] epoch" not in capsys.readouterr().out  # refused before an epoch trained (and was lost)
 
 
 def test_an_empty_out_is_refused():
@@ -368,6 +411,20 @@ def test_an_unknown_checkpoint_format_is_refused(fmnist_dir, tmp_path):
   ckpt.write_bytes(serialization.msgpack_serialize({**raw, "format": "bnjax-checkpoint-99"}))
   with pytest.raises(SystemExit, match=r"has format 'bnjax-checkpoint-99'; this bnjax reads"):
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
+
+
+def test_a_checkpoint_of_the_first_unchecked_format_resumes_with_a_note_and_is_saved_checked(
+  fmnist_dir, tmp_path, capsys
+):
+  from flax import serialization
+
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
+  ckpt.write_bytes(serialization.msgpack_serialize(read_checkpoint(ckpt)))  # the payload itself, no digest
+  capsys.readouterr()
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
+  assert "has bnjax's first format, which carries no SHA-256" in capsys.readouterr().err
+  assert "sha256" in serialization.msgpack_restore(ckpt.read_bytes())  # rewritten in the checked format
 
 
 def test_the_cli_choices_are_the_modules_own():

@@ -142,7 +142,6 @@ def cli(data_dir, out, *extra):
     "--batch-size",
     str(BATCH),
     "--no-progress",
-    "--no-compile-cache",
     *extra,
   ]
 
@@ -294,15 +293,29 @@ def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp
   assert "Traceback" not in err and "Check failure" not in err
 
 
-def test_processes_started_with_different_settings_refuse_before_any_work(five_step_data, tmp_path):
+@pytest.mark.parametrize(
+  "other,said",
+  [
+    (["--seed", "1"], r"seed 1 \(process 0: 0\)"),
+    (["--lr", "0.1"], r"lr 0.1 \(process 0: 1.0\)"),
+    (["--epochs", "3"], r"epochs 3 \(process 0: 10\)"),  # not "another process has probably died"
+    ("data", r"data \d+\+\d+ examples:(\w+) \(process 0: \d+\+\d+ examples:(?!\1)\w+\)"),  # same counts
+  ],
+)
+def test_processes_started_with_different_settings_refuse_before_any_work(five_step_data, tmp_path, other, said):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
   coordinator, procs = f"127.0.0.1:{free_port()}", []
-  for i, seed in ((0, "0"), (1, "1")):
-    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(five_step_data, tmp_path / "o", "--seed", seed)]
+  for i in (0, 1):
+    data, extra = five_step_data, []
+    if i == 1 and other == "data":  # the same counts, other images
+      data = make_fmnist_dir(tmp_path / "other", n_train=STEPS * BATCH, n_test=100, seed=1)
+    elif i == 1:
+      extra = other
+    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(data, tmp_path / "o", *extra)]
     cmd += ["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   for code, _out, err in finish(procs, timeout=180):
     assert code == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert re.match(r"error: process 1 of 2 runs with seed 1 \(process 0: 0\);", last), err[-1500:]
+    assert re.match(rf"error: process 1 of 2 runs with {said}; ", last), err[-1500:]
   assert not (tmp_path / "o" / "ours" / "checkpoint.msgpack").exists()

@@ -33,6 +33,7 @@ def test_bad_values_are_named(kwargs, pattern):
 def test_numpy_scalars_are_numbers_too():
   import numpy as np
 
+  assert bnjax.pytorch_preset(np.float32(0.1))["momentum"] == pytest.approx(0.9)  # not "must be a number"
   preset = bnjax.pytorch_preset(np.float64(0.1), eps=np.float32(1e-3))
   assert preset["momentum"] == pytest.approx(0.9) and type(preset["momentum"]) is float
   assert preset["epsilon"] == pytest.approx(1e-3) and type(preset["epsilon"]) is float

@@ -39,9 +39,7 @@ def test_quoted_experiment_output_matches_what_it_prints(fmnist_dir, tmp_path, c
 
   (quoted,) = [b for b in blocks("text") if "examples/sec on" in b]
   args = ["--data-dir", str(fmnist_dir), "--allow-partial-data", "--batch-size", "64"]
-  lenet_fmnist.main(
-    [*args, "--out", str(tmp_path / "o"), "--epochs", "2", "--no-progress", "--no-compile-cache", "--devices", "1"]
-  )
+  lenet_fmnist.main([*args, "--out", str(tmp_path / "o"), "--epochs", "2", "--no-progress", "--devices", "1"])
   printed = capsys.readouterr().out
   for line in quoted.strip().splitlines():
     if line.startswith("$") or "..." in line:

@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="DIR",
     help="persistent compilation cache (default: %(default)s)",
   )
-  p.add_argument("--no-compile-cache", action="store_true", help="compile from scratch, do not read or write the cache")
+  p.add_argument(
+    "--no-compile-cache",
+    action="store_true",
+    help="compile from scratch: no persistent cache, not even one set by JAX_COMPILATION_CACHE_DIR",
+  )
   p.add_argument(
     "--allow-partial-data",
     action="store_true",

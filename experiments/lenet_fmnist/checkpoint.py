@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def exclusive(out: Path):
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # only killed writers leave these
+    for tmp in out.rglob(".*.tmp"):  # only killed writers leave these (in out/, out/<bn>/, out/<bn>/seed-S/)
       tmp.unlink(missing_ok=True)
     yield
   finally:
@@ -158,6 +159,11 @@ def read_checkpoint(path: Path) -> dict:
 
   raw = serialization.msgpack_restore(path.read_bytes())
   if "payload" not in raw:  # format 1: the payload itself, no digest
+    print(
+      f"note: checkpoint {path} has bnjax's first format, which carries no SHA-256, so damage to it cannot be "
+      "detected; the next checkpoint saved is written in the checked format.",
+      file=sys.stderr,
+    )
     return raw
   if raw.get("format") != FORMAT:
     raise RunError(

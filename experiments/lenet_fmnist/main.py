@@ -301,18 +301,29 @@ def run_variant(
 
 @contextlib.contextmanager
 def compile_cache(args: argparse.Namespace):
-  """JAX's persistent compilation cache for the run, switched off again after it: ``main()`` called from
-  Python (a notebook, the tests) leaves no global setting behind."""
+  """JAX's persistent compilation cache for the run (none at all with ``--no-compile-cache``, not even one
+  the environment configures, e.g. ``JAX_COMPILATION_CACHE_DIR``), set back after it: ``main()`` called
+  from Python (a notebook, the tests) leaves no global setting behind."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
 
-  before = jax.config.jax_compilation_cache_dir
-  if not args.no_compile_cache:
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_enable_compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  before = {name: getattr(jax.config, name) for name in names}
+  compilation_cache.reset_cache()  # JAX opens its cache once per process: make it see this run's setting
+  if args.no_compile_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+  else:
     enable_compile_cache(args.compile_cache)
   try:
     yield
   finally:
-    jax.config.update("jax_compilation_cache_dir", before)
+    for name, value in before.items():
+      jax.config.update(name, value)
     compilation_cache.reset_cache()
 
 
@@ -329,6 +340,7 @@ def enable_compile_cache(directory: str) -> None:
       "(--compile-cache DIR to choose another, --no-compile-cache to silence this)",
       file=sys.stderr,
     )
+    jax.config.update("jax_enable_compilation_cache", False)
     return
   entries = sum(1 for p in path.iterdir() if not p.name.startswith("."))
   jax.config.update("jax_compilation_cache_dir", str(path))
@@ -409,6 +421,11 @@ def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
     raise RunError(
       f"Fashion-MNIST from {dataset.source} has {len(dataset.train_labels)} training and {len(dataset.test_labels)} "
       "test examples; training needs at least 2 and evaluation at least 1."
+    )
+  if len(dataset.train_labels) < args.batch_size and any(precise_batches(norm, args) for norm in norms):
+    raise RunError(  # said here, before any epoch trains, not after the first one (precise_stats says it too)
+      f"precise BN needs at least one full batch of {args.batch_size} training examples, but there are "
+      f"{len(dataset.train_labels)}; lower --batch-size."
     )
   fingerprint = data_fingerprint(*dataset[:4])
   # Everything that shapes the trajectory, for the processes to agree on (not where each one runs from).
