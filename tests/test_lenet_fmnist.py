@@ -263,15 +263,18 @@ def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnis
 
 def test_no_compile_cache_reads_and_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path):
   import jax
+  from jax.experimental.compilation_cache import compilation_cache
 
   before = jax.config.jax_compilation_cache_dir  # the suite's own cache (conftest.py)
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax-cache"))
+  compilation_cache.reset_cache()  # JAX opens its cache once per process: make it see this directory
   try:
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--no-compile-cache"))
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax-cache")  # set back afterwards
     assert jax.config.jax_enable_compilation_cache
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
   assert not (tmp_path / "jax-cache").exists() or not any((tmp_path / "jax-cache").iterdir())
 
 
@@ -387,7 +390,8 @@ def test_leftovers_of_killed_writers_are_cleaned_and_an_unsaved_run_says_to_over
   [
     (0, 16, [], r"has 0 training and 16 test examples"),
     (100, 0, [], r"has 100 training and 0 test examples"),
-    (100, 16, ["--bn", "ours-precise", "--batch-size", "128"], r"precise BN needs at least one full batch of 128"),
+    # --bn all: ours, flax and none come before ours-precise, and none of them may train first
+    (100, 16, ["--bn", "all", "--batch-size", "128"], r"precise BN needs at least one full batch of 128"),
   ],
 )
 def test_too_little_data_is_one_error_line_before_training(tmp_path, capsys, n_train, n_test, extra, pattern):
@@ -395,6 +399,7 @@ def test_too_little_data_is_one_error_line_before_training(tmp_path, capsys, n_t
   with pytest.raises(SystemExit, match=pattern):
     lenet_fmnist.main([*cli(d, tmp_path / "run", "--epochs", "1"), *extra])
   assert "] epoch" not in capsys.readouterr().out  # refused before an epoch trained (and was lost)
+  assert not list((tmp_path / "run").glob("*/checkpoint.msgpack"))
 
 
 def test_an_empty_out_is_refused():
