@@ -88,7 +88,9 @@ def pytest_collection_modifyitems(config, items):
     for item in keep:
       reason = _deliberate_difference(item)
       if reason:
-        item.add_marker(pytest.mark.xfail(strict=True, reason=f"deliberate difference: {reason}"))
+        # Strict (a pass is reported as a failure) except for the last-bit difference, which may vanish.
+        strict = "last bit" not in reason
+        item.add_marker(pytest.mark.xfail(strict=strict, reason=f"deliberate difference: {reason}"))
   for name, module in sys.modules.items():
     nnx = getattr(module, "nnx", None)
     if name.endswith("_test") and getattr(nnx, "BatchNorm", USED) is not USED:

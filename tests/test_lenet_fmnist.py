@@ -204,13 +204,23 @@ def launch(fmnist_dir, out, *extra, cache=None):
 
 
 def wait_for_epoch_line(proc, n_lines=1, timeout=120):
-  import time
+  """Reads the child's stdout up to its n-th epoch line; a child silent for ``timeout`` s is killed (so a
+  failure ends the test, with the child's stderr, instead of hanging it)."""
+  import threading
 
-  deadline, seen = time.time() + timeout, 0
-  while seen < n_lines:
-    line = proc.stdout.readline()
-    assert line and time.time() < deadline, f"no epoch line from the child: {proc.stderr.read()}"
-    seen += "] epoch" in line
+  timer = threading.Timer(timeout, proc.kill)
+  timer.start()
+  try:
+    seen = 0
+    while seen < n_lines:
+      line = proc.stdout.readline()
+      if not line:  # the child ended, or was killed by the timer
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"no epoch line from the child within {timeout} s: {err[-2000:]}")
+      seen += "] epoch" in line
+  finally:
+    timer.cancel()
 
 
 def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_path):
@@ -223,10 +233,12 @@ def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_pat
   for attempt in range(3):
     # So many epochs that no attempt can end before its kill, however fast the machine.
     proc = launch(fmnist_dir, out, "--epochs", "1000000", *(["--resume"] if attempt else []), cache=cache)
-    wait_for_epoch_line(proc, 2)  # epoch 1's files are complete; epoch 2's are being written
-    time.sleep(random.uniform(0.0, 0.5))  # lands anywhere in an epoch, including inside a save
-    proc.kill()
-    proc.communicate()
+    try:
+      wait_for_epoch_line(proc, 2)  # epoch 1's files are complete; epoch 2's are being written
+      time.sleep(random.uniform(0.0, 0.5))  # lands anywhere in an epoch, including inside a save
+    finally:
+      proc.kill()
+      proc.communicate()
     assert (out / "ours" / "checkpoint.msgpack").is_file()
     assert json.loads((out / "ours" / "metrics.json").read_text())["epochs"]
   saved = read_checkpoint(out / "ours" / "checkpoint.msgpack")["epoch"]
@@ -261,7 +273,7 @@ def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnis
   assert err.count("note: compilation cache") == 1 and "cannot be written" in err
 
 
-def test_no_compile_cache_reads_and_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path):
+def test_no_compile_cache_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path):
   import jax
   from jax.experimental.compilation_cache import compilation_cache
 
@@ -344,7 +356,9 @@ def test_a_second_run_into_the_same_out_is_refused_even_with_overwrite(fmnist_di
 def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale_lock(fmnist_dir, tmp_path):
   import signal
 
-  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000")  # cannot finish during the test
+  # Cannot finish during the test. Its own compilation cache: a kill mid-write must not leave a torn
+  # entry in the suite's shared one.
+  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000", cache=tmp_path / "cache")
   try:
     wait_for_epoch_line(proc, 2)  # well into its training, checkpoints saved
     with pytest.raises(SystemExit, match=rf"is in use by another run \(process {proc.pid}\)"):

@@ -106,8 +106,11 @@ def exclusive(out: Path):
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    for tmp in out.rglob(".*.tmp"):  # only killed writers leave these (in out/, out/<bn>/, out/<bn>/seed-S/)
-      tmp.unlink(missing_ok=True)
+    # Only killed writers leave these (atomic_write's ".<name>.<pid>.tmp"), at the levels runs write to.
+    for pattern in (".*.*.tmp", "*/.*.*.tmp", "*/seed-*/.*.*.tmp"):
+      for tmp in out.glob(pattern):
+        if tmp.is_file():
+          tmp.unlink(missing_ok=True)
     yield
   finally:
     os.close(fd)
@@ -153,17 +156,19 @@ def save_checkpoint(path: Path, state, epoch: int, history: list[dict], config: 
   atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def read_checkpoint(path: Path) -> dict:
-  """The checkpoint's payload (``state``, ``epoch``, ``history``, ``config``) after checking its digest."""
+def read_checkpoint(path: Path, note_unchecked: bool = False) -> dict:
+  """The checkpoint's payload (``state``, ``epoch``, ``history``, ``config``) after checking its digest
+  (``note_unchecked``: say on stderr when the file is of the first format, which has none)."""
   from flax import serialization
 
   raw = serialization.msgpack_restore(path.read_bytes())
   if "payload" not in raw:  # format 1: the payload itself, no digest
-    print(
-      f"note: checkpoint {path} has bnjax's first format, which carries no SHA-256, so damage to it cannot be "
-      "detected; the next checkpoint saved is written in the checked format.",
-      file=sys.stderr,
-    )
+    if note_unchecked:
+      print(
+        f"note: checkpoint {path} has bnjax's first format, which carries no SHA-256, so damage to it cannot "
+        "be detected; checkpoints saved from now on are written in the checked format.",
+        file=sys.stderr,
+      )
     return raw
   if raw.get("format") != FORMAT:
     raise RunError(
@@ -180,6 +185,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def restore_checkpoint(path: Path, state, config: dict):
   """``(state, epoch, history)`` from ``path``; RunError for a corrupted file or another run's settings."""
+  import jax
   from flax import serialization
 
   def unusable(e: Exception) -> RunError:  # msgpack, KeyError, ValueError from shapes, JSON: not a usable checkpoint
@@ -189,7 +195,7 @@ def restore_checkpoint(path: Path, state, config: dict):
     )
 
   try:
-    raw = read_checkpoint(path)
+    raw = read_checkpoint(path, note_unchecked=jax.process_index() == 0)
     saved = json.loads(raw["config"])
   except RunError:
     raise

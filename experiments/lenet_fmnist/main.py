@@ -314,12 +314,12 @@ def compile_cache(args: argparse.Namespace):
     "jax_persistent_cache_min_entry_size_bytes",
   )
   before = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()  # JAX opens its cache once per process: make it see this run's setting
-  if args.no_compile_cache:
-    jax.config.update("jax_enable_compilation_cache", False)
-  else:
-    enable_compile_cache(args.compile_cache)
   try:
+    compilation_cache.reset_cache()  # JAX opens its cache once per process: make it see this run's setting
+    if args.no_compile_cache:
+      jax.config.update("jax_enable_compilation_cache", False)
+    else:
+      enable_compile_cache(args.compile_cache)
     yield
   finally:
     for name, value in before.items():
@@ -334,6 +334,7 @@ def enable_compile_cache(directory: str) -> None:
   path = Path(directory).expanduser()
   try:
     make_writable_dir(path)
+    entries = sum(1 for p in path.iterdir() if not p.name.startswith("."))
   except OSError as e:
     print(
       f"note: compilation cache {path} cannot be written ({e.strerror or e}); compiling from scratch "
@@ -342,7 +343,6 @@ def enable_compile_cache(directory: str) -> None:
     )
     jax.config.update("jax_enable_compilation_cache", False)
     return
-  entries = sum(1 for p in path.iterdir() if not p.name.startswith("."))
   jax.config.update("jax_compilation_cache_dir", str(path))
   # LeNet's programs compile in well under JAX's default 1 s threshold; cache them all.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
