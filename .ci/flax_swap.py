@@ -40,34 +40,39 @@ def _tests_building_batch_norm(path: pathlib.Path) -> set[str]:
 
 # Flax's linen-equivalence tests compare nnx with linen by exact equality. Where bnjax differs from Flax on
 # purpose (README, "Deliberate differences from Flax") they are expected to fail, and strictly so: a case
-# that starts passing, or one not listed here that fails, shows up in the summary. Matched on absl's
-# parameter string of each case: (test name, substrings its parameters all contain, reason).
+# that starts passing (unless the difference may vanish: not strict), or one not listed here that fails,
+# shows up in the summary. Matched on absl's parameter string of each case:
+# (test name, substrings its parameters all contain, strict, reason).
 DELIBERATE = (
   (
     "test_nnx_linen_batchnorm_equivalence",
     ("mask=array(",),
+    True,
     "the mask removes whole features: Flax's statistics and outputs are NaN, bnjax keeps the running "
     "statistics and gives finite placeholder outputs",
   ),
   (
     "test_nnx_linen_batchnorm_equivalence",
     ("use_fast_variance=False, mask=None",),
+    False,
     "bnjax's two-pass mean is refined by the mean deviation (closer to float64), so its last bit can differ",
   ),
   (
     "test_nnx_linen_spectralnorm_equivalence",
     ("(dtype=<class 'jax.numpy.float32'>", "update_stats=True"),  # without an update no variance is computed
+    True,
     "float32 with the default variance: bnjax's default is the stable two-pass variance, Flax's the "
     "one-pass one (1-ulp differences; both pass with use_fast_variance=True)",
   ),
 )
 
 
-def _deliberate_difference(item) -> str | None:
+def _deliberate_difference(item):
+  """The xfail mark of a listed case, else None."""
   params = getattr(getattr(item, "obj", None), "__x_params_repr__", None) or ""
-  for test, needles, reason in DELIBERATE:
+  for test, needles, strict, reason in DELIBERATE:
     if item.name.startswith(test) and all(needle in params for needle in needles):
-      return reason
+      return pytest.mark.xfail(strict=strict, reason=f"deliberate difference: {reason}")
   return None
 
 
@@ -86,11 +91,9 @@ def pytest_collection_modifyitems(config, items):
   items[:] = keep
   if SWAP:
     for item in keep:
-      reason = _deliberate_difference(item)
-      if reason:
-        # Strict (a pass is reported as a failure) except for the last-bit difference, which may vanish.
-        strict = "last bit" not in reason
-        item.add_marker(pytest.mark.xfail(strict=strict, reason=f"deliberate difference: {reason}"))
+      mark = _deliberate_difference(item)
+      if mark:
+        item.add_marker(mark)
   for name, module in sys.modules.items():
     nnx = getattr(module, "nnx", None)
     if name.endswith("_test") and getattr(nnx, "BatchNorm", USED) is not USED:

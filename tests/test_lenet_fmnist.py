@@ -354,8 +354,6 @@ def test_a_second_run_into_the_same_out_is_refused_even_with_overwrite(fmnist_di
 
 
 def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale_lock(fmnist_dir, tmp_path):
-  import signal
-
   # Cannot finish during the test. Its own compilation cache: a kill mid-write must not leave a torn
   # entry in the suite's shared one.
   proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000", cache=tmp_path / "cache")
@@ -364,7 +362,7 @@ def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale
     with pytest.raises(SystemExit, match=rf"is in use by another run \(process {proc.pid}\)"):
       lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite"))
   finally:
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()  # SIGKILL
     proc.communicate()
   assert (tmp_path / "run" / ".lock").exists()  # left behind by the killed run, but not held
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite"))

@@ -80,16 +80,21 @@ def precise_stats(apply, variables, images, num_batches: int, batch_size: int, s
     ]
     return jax.tree.map(lambda *a: np.stack(a), *each)
 
+  check_one_full_batch(images.shape[0], batch_size)
   count = min(num_batches * batch_size, images.shape[0]) // batch_size * batch_size
-  if count == 0:
-    raise RunError(
-      f"precise BN needs at least one full batch of {batch_size} training examples, but there are "
-      f"{images.shape[0]}; lower --batch-size."
-    )
   # A different stream from the epoch's shuffle (fold_in of a second index), fixed per epoch: reproducible.
   perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
   batches = np.asarray(images)[np.asarray(perm[:count])].reshape(-1, batch_size, *images.shape[1:])
   return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
+
+
+def check_one_full_batch(n_train: int, batch_size: int) -> None:
+  """Precise BN draws whole batches: with fewer training examples than one, it has none."""
+  if n_train < batch_size:
+    raise RunError(
+      f"precise BN needs at least one full batch of {batch_size} training examples, but there are "
+      f"{n_train}; lower --batch-size."
+    )
 
 
 def precise_batches(norm: str, args: argparse.Namespace) -> int:
@@ -422,11 +427,8 @@ def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
       f"Fashion-MNIST from {dataset.source} has {len(dataset.train_labels)} training and {len(dataset.test_labels)} "
       "test examples; training needs at least 2 and evaluation at least 1."
     )
-  if len(dataset.train_labels) < args.batch_size and any(precise_batches(norm, args) for norm in norms):
-    raise RunError(  # said here, before any epoch trains, not after the first one (precise_stats says it too)
-      f"precise BN needs at least one full batch of {args.batch_size} training examples, but there are "
-      f"{len(dataset.train_labels)}; lower --batch-size."
-    )
+  if any(precise_batches(norm, args) for norm in norms):
+    check_one_full_batch(len(dataset.train_labels), args.batch_size)  # before any epoch trains, not after one
   fingerprint = data_fingerprint(*dataset[:4])
   # Everything that shapes the trajectory, for the processes to agree on (not where each one runs from).
   local = ("process_id", "coordinator", "no_progress", "compile_cache", "no_compile_cache", "data_dir", "timeout")
