@@ -163,3 +163,86 @@ def test_bfloat16_and_float16_tensors_convert_exactly():
     got = porting.to_numpy(values.to(dtype))
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, values.to(dtype).float().numpy())
+
+
+def bn_state_dict(**shapes):
+  """A torch-named BatchNorm layer "1" with 3 features; `shapes` overrides a tensor's shape by its name."""
+  names = ("weight", "bias", "running_mean", "running_var")
+  return {f"1.{n}": np.ones(shapes.get(n, (3,)), np.float32) for n in names}
+
+
+@pytest.mark.parametrize(
+  "convert, message",
+  [
+    (
+      lambda: porting.batch_norm_from_torch(bn_state_dict(running_var=(2, 3)), "1"),
+      r"^`1.running_var` has shape \(2, 3\), but should be \(3,\) \(or \(1, 3\) / \(1, 3, 1, 1\)",
+    ),
+    (
+      lambda: porting.batch_norm_from_torch(bn_state_dict(weight=(3, 1, 2)), "1"),
+      r"^`1.weight` has shape \(3, 1, 2\), but should be \(3,\) \(or \(1, 3\) / \(1, 3, 1, 1\)",
+    ),
+    (
+      lambda: porting.conv_from_torch({"0.weight": np.zeros((6, 1, 5, 5)), "0.bias": np.zeros(5)}, "0"),
+      r"^`0.bias` has shape \(5,\), but should be \(6,\): one per output channel of `0.weight` \(6, 1, 5, 5\)\.",
+    ),
+    (
+      lambda: porting.dense_from_torch({"9.weight": np.zeros((120, 256)), "9.bias": np.zeros((1, 120))}, "9"),
+      r"^`9.bias` has shape \(1, 120\), but should be \(120,\): one per output of `9.weight` \(120, 256\)\.",
+    ),
+    (
+      lambda: porting.dense_to_torch({"kernel": np.zeros((256, 120)), "bias": np.zeros(120)}, "9", (16, 5, 5)),
+      r"^`flatten_chw` is \(16, 5, 5\), which gives 400 inputs, but `kernel` has shape \(256, 120\): 256 inputs\.",
+    ),
+    (
+      lambda: porting.dense_to_torch({"kernel": np.zeros((256, 120)), "bias": np.zeros(84)}, "9"),
+      r"^`bias` has shape \(84,\), but should be \(120,\): one per output of `kernel` \(256, 120\)\.",
+    ),
+    (
+      lambda: porting.conv_to_torch({"kernel": np.zeros((5, 5, 6)), "bias": np.zeros(6)}, "0"),
+      r"^`kernel` has shape \(5, 5, 6\), but a Conv kernel \(kh, kw, in, out\) has 4 dimensions\.",
+    ),
+    (
+      lambda: porting.batch_norm_to_torch({"bias": np.zeros(3)}, {"mean": np.zeros(3), "var": np.ones(3)}, "1"),
+      r"^`params` has no 'scale' \(a BatchNorm layer's, for '1.weight'\); it has \['bias'\]\.$",
+    ),
+    (
+      lambda: porting.batch_norm_to_torch({"scale": np.ones(3), "bias": np.zeros(3)}, {"mean": np.zeros(3)}, "1"),
+      r"^`stats` has no 'var' \(a BatchNorm layer's, for '1.running_var'\); it has \['mean'\]\.$",
+    ),
+    (
+      lambda: porting.batch_norm_to_torch(
+        {"scale": np.ones(3), "bias": np.zeros(4)}, {"mean": np.zeros(3), "var": np.ones(3)}, "1"
+      ),
+      r"^`bias` has shape \(4,\), but should be \(3,\) \(the shape of `scale`\)\.$",
+    ),
+    (
+      lambda: porting.batch_norm_to_torch(
+        {"scale": np.ones(3), "bias": np.zeros(3)}, {"mean": np.zeros(3), "var": np.ones((2, 3))}, "1"
+      ),
+      r"^`var` has shape \(2, 3\), but should be \(3,\): one value per feature\.$",
+    ),
+  ],
+  ids=[
+    "running_var_of_two_rows",
+    "weight_of_three_dimensions",
+    "conv_bias_of_wrong_length",
+    "dense_bias_of_wrong_shape",
+    "flatten_chw_that_does_not_match_the_kernel",
+    "dense_export_bias_of_wrong_length",
+    "conv_export_kernel_of_three_dimensions",
+    "batch_norm_export_without_scale",
+    "batch_norm_export_without_var",
+    "batch_norm_export_bias_of_another_length",
+    "batch_norm_export_var_of_two_rows",
+  ],
+)
+def test_a_tensor_of_the_wrong_shape_or_a_missing_one_is_named_with_what_was_expected(convert, message):
+  with pytest.raises((ValueError, KeyError), match=message):
+    convert()
+
+
+def test_the_chapter_s_row_and_column_shaped_statistics_are_still_accepted():
+  sd = bn_state_dict(weight=(1, 3), bias=(1, 3, 1, 1), running_mean=(3, 1))
+  params, stats = porting.batch_norm_from_torch(sd, "1")
+  assert {k: v.shape for k, v in {**params, **stats}.items()} == {k: (3,) for k in ("scale", "bias", "mean", "var")}

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerance import assert_trees_close
+from tolerance import assert_trees_close, max_abs_diff
 
 import bnjax
 from experiments.lenet_fmnist.models import LeNet, init_lenet
@@ -167,3 +167,162 @@ def test_num_batches_must_be_a_positive_int(num_batches):
   variables = init_lenet(model, jax.random.key(0))
   with pytest.raises(ValueError, match=r"`num_batches` is .*, but should be a positive int"):
     bnjax.precise_batch_stats(model.apply, variables, jnp.zeros((2, 4, 28, 28, 1)), num_batches)
+
+
+# --- models beyond a plain stack of layers: frozen layers, lifted transforms, dropout (issue 26) ----------
+
+
+FROZEN_LAYERS = {
+  "bnjax_use_running_average": lambda: bnjax.BatchNorm(use_running_average=True, name="frozen"),
+  "flax_use_running_average": lambda: nn.BatchNorm(use_running_average=True, name="frozen"),
+  "bnjax_update_stats_false": lambda: bnjax.BatchNorm(use_running_average=False, update_stats=False, name="frozen"),
+}
+
+
+@pytest.mark.parametrize("frozen", list(FROZEN_LAYERS))
+def test_a_frozen_layer_keeps_its_statistics_and_the_next_layer_gets_those_of_its_output(rng, frozen):
+  class FineTuned(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      h = FROZEN_LAYERS[frozen]()(x)
+      return bnjax.BatchNorm(use_running_average=not train, name="trained")(nn.Dense(3, name="fc")(h))
+
+  model = FineTuned()
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 4)), train=False)
+  frozen_stats = {"mean": jnp.array([1.0, -2.0, 0.5, 3.0]), "var": jnp.array([4.0, 1.0, 9.0, 0.25])}
+  variables = {**variables, "batch_stats": {**variables["batch_stats"], "frozen": frozen_stats}}
+  batches = (3.0 + 2.0 * rng.standard_normal((3, 16, 4))).astype(np.float32)
+  out = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": True})
+  assert_trees_close(out["batch_stats"]["frozen"], frozen_stats)
+  if frozen == "bnjax_update_stats_false":  # normalizes by each batch's own statistics, as in training
+    x = batches.astype(np.float64)
+    h = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+  else:  # normalizes by the statistics it keeps
+    h = (batches - np.asarray(frozen_stats["mean"])) / np.sqrt(np.asarray(frozen_stats["var"]) + 1e-5)
+  fc = jax.tree.map(np.asarray, variables["params"]["fc"])
+  fc_out = (h @ fc["kernel"] + fc["bias"]).reshape(-1, 3)
+  assert_trees_close(out["batch_stats"]["trained"], {"mean": fc_out.mean(0), "var": fc_out.var(0)}, "framework")
+
+
+def test_a_layer_in_training_mode_only_through_a_traced_flag_is_recomputed_only_when_training(rng):
+  class Traced(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: jax.Array):
+      return bnjax.BatchNorm(name="bn")(x, use_running_average=jnp.logical_not(train))
+
+  model = Traced()
+  x = (3.0 + 2.0 * rng.standard_normal((16, 4))).astype(np.float32)
+  variables = model.init(jax.random.key(0), x, train=jnp.array(False))
+  training = bnjax.precise_batch_stats(model.apply, variables, [x], model_kwargs={"train": jnp.array(True)})
+  assert_trees_close(training["batch_stats"]["bn"], {"mean": x.mean(0), "var": x.var(0)}, "framework")
+  evaluating = bnjax.precise_batch_stats(model.apply, variables, [x], model_kwargs={"train": jnp.array(False)})
+  assert_trees_close(evaluating["batch_stats"], variables["batch_stats"])
+
+
+def test_a_model_without_a_layer_in_training_mode_is_an_error_that_names_model_kwargs(rng):
+  model, variables, batches = two_layer_case(rng)
+  with pytest.raises(
+    ValueError, match=r"no bnjax.BatchNorm or flax.linen.BatchNorm layer in training mode.*`model_kwargs`"
+  ):
+    bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": False})
+
+
+class DenseBlock(nn.Module):
+  """Dense -> bnjax.BatchNorm -> relu, in the (carry, x) form nn.scan wants."""
+
+  @nn.compact
+  def __call__(self, h, _=None):
+    return nn.relu(bnjax.BatchNorm(use_running_average=False, name="bn")(nn.Dense(4, name="fc")(h))), None
+
+
+class Unrolled(nn.Module):
+  """Three blocks one after the other, or (`parallel`) each on the input."""
+
+  parallel: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    outputs = [x]
+    for i in range(3):
+      outputs.append(DenseBlock(name=f"block{i}")(outputs[0 if self.parallel else -1])[0])
+    return outputs[-1]
+
+
+class Lifted(nn.Module):
+  transform: str
+
+  @nn.compact
+  def __call__(self, x):
+    if self.transform == "remat":
+      for i in range(3):
+        x, _ = nn.remat(DenseBlock)(name=f"block{i}")(x)
+      return x
+    if self.transform == "vmap":
+      vmap = nn.vmap(
+        DenseBlock,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True},
+        in_axes=(None, None),
+        axis_size=3,
+      )
+      return vmap(name="blocks")(x, None)[0]
+    block = nn.remat(DenseBlock) if self.transform == "scan_of_remat" else DenseBlock
+    scan = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True}, length=3)
+    return scan(name="blocks")(x, None)[0]
+
+
+def unrolled_variables(lifted_variables, transform):
+  """The same weights and statistics as an `Unrolled` model's: scanned or mapped leaves split along their first axis."""
+  if transform == "remat":
+    return lifted_variables
+  return {
+    col: {f"block{i}": jax.tree.map(lambda a, i=i: a[i], tree["blocks"]) for i in range(3)}
+    for col, tree in lifted_variables.items()
+  }
+
+
+@pytest.mark.parametrize("transform", ["remat", "scan", "scan_of_remat", "vmap"])
+def test_layers_under_remat_scan_and_vmap_get_the_statistics_of_the_unrolled_model(rng, transform):
+  model = Lifted(transform)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 4)))
+  batches = (1.0 + rng.standard_normal((3, 16, 4))).astype(np.float32)
+  out = bnjax.precise_batch_stats(model.apply, variables, batches)
+  unrolled_model = Unrolled(parallel=transform == "vmap")
+  unrolled = bnjax.precise_batch_stats(unrolled_model.apply, unrolled_variables(variables, transform), batches)
+  assert_trees_close(unrolled_variables(out, transform), unrolled)
+  assert max_abs_diff(out["batch_stats"], variables["batch_stats"]) > 0.1  # recomputed, not left at 0 and 1
+
+
+class Dropped(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.Dropout(0.5, deterministic=not train)(x)
+    return bnjax.BatchNorm(use_running_average=not train, name="bn")(h)
+
+
+def test_rngs_in_model_kwargs_give_batch_i_the_streams_folded_with_i(rng):
+  model = Dropped()
+  batches = (2.0 + rng.standard_normal((3, 32, 4))).astype(np.float32)
+  variables = model.init(jax.random.key(0), batches[0], train=False)
+  key = jax.random.key(7)
+  kwargs = {"train": True, "rngs": {"dropout": key}}
+  from_iterable = bnjax.precise_batch_stats(model.apply, variables, list(batches), model_kwargs=kwargs)
+  from_array = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs=kwargs)
+  inputs = []
+  for i, x in enumerate(batches):  # the BN layer's input: the model's dropout output with fold_in(key, i)
+    rngs = {"dropout": jax.random.fold_in(key, i)}
+    _, state = model.apply(
+      variables, x, True, rngs=rngs, mutable=["batch_stats", "intermediates"], capture_intermediates=True
+    )
+    inputs.append(np.asarray(state["intermediates"]["Dropout_0"]["__call__"][0], np.float64))
+  h = np.concatenate(inputs)
+  assert (h == 0).mean() > 0.3  # dropout did run
+  expected = {"bn": {"mean": h.mean(0), "var": h.var(0)}}
+  assert_trees_close(from_iterable["batch_stats"], expected, "framework")
+  assert_trees_close(from_array["batch_stats"], expected, "framework")
+
+
+def test_a_model_kwarg_that_is_neither_hashable_nor_arrays_is_named(rng):
+  model, variables, batches = two_layer_case(rng)
+  with pytest.raises(TypeError, match=r"`model_kwargs\['train'\]` is a list"):
+    bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": [True]})
