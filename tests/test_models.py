@@ -4,11 +4,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import new_state
 from tolerance import assert_trees_close
 
-from experiments.lenet_fmnist.conv import Conv, conv2d_valid
+from experiments.lenet_fmnist.conv import IMPLS, LAYOUTS, Conv, conv2d_valid, native_layout, resolve_impl
 from experiments.lenet_fmnist.models import LeNet, init_lenet
 
 
@@ -54,18 +55,50 @@ def test_xavier_uniform_weights_and_zero_biases():
   np.testing.assert_array_equal(params["fc1"]["bias"], 0.0)
 
 
-def test_conv_implementations_agree_with_flax_conv(rng):
-  x = rng.standard_normal((4, 12, 12, 6)).astype(np.float32)
-  flax_conv = nn.Conv(16, (5, 5), padding="VALID")
+@pytest.mark.parametrize("cin,cout", [(1, 6), (6, 16)])  # LeNet's conv1 and conv2
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_conv_implementation_in_either_layout_is_flax_conv_with_its_gradients(rng, impl, layout, cin, cout):
+  x = rng.standard_normal((4, 12, 12, cin)).astype(np.float32)
+  dy = rng.standard_normal((4, 8, 8, cout)).astype(np.float32)
+  flax_conv = nn.Conv(cout, (5, 5), padding="VALID")
   variables = flax_conv.init(jax.random.key(0), x)
-  expected = flax_conv.apply(variables, x)
-  for impl in ("xla", "im2col", "auto"):
-    assert_trees_close(Conv(16, (5, 5), impl=impl).apply(variables, x), expected, "framework")
-  grads = [
-    jax.grad(lambda k, impl=impl: jnp.sum(conv2d_valid(x, k, impl) ** 2))(variables["params"]["kernel"])
-    for impl in ("xla", "im2col")
-  ]
-  assert_trees_close(grads[1], grads[0], "framework")
+  expected, flax_vjp = jax.vjp(lambda v, x: flax_conv.apply(v, x), variables, x)
+  to = (lambda a: np.transpose(a, (3, 1, 2, 0))) if layout == "CHWN" else (lambda a: a)
+  ours = Conv(cout, (5, 5), impl=impl, layout=layout)
+  got, our_vjp = jax.vjp(lambda v, x: ours.apply(v, x), variables, jnp.asarray(to(x)))
+  assert_trees_close(to(np.asarray(got)), expected, "framework")
+  (grads, dx), (want_grads, want_dx) = our_vjp(jnp.asarray(to(dy))), flax_vjp(jnp.asarray(dy))
+  assert_trees_close(grads, want_grads, "framework")
+  assert_trees_close(to(np.asarray(dx)), want_dx, "framework")
+
+
+def test_auto_is_lanes_on_cpu_and_xla_elsewhere():
+  assert resolve_impl("auto") == ("lanes" if jax.default_backend() == "cpu" else "xla")
+  assert native_layout("lanes") == "CHWN" and native_layout("im2col") == native_layout("xla") == "NHWC"
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax", "none"])
+def test_lenet_computes_the_same_in_every_conv_implementation(rng, norm):
+  """Logits, gradients and new running statistics, in training mode with padded (masked) examples."""
+  x = jnp.asarray(rng.random((16, 28, 28, 1), np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))
+  mask = jnp.arange(16) < 13
+  variables = init_lenet(LeNet(norm=norm), jax.random.key(0))
+
+  def loss(params, impl):
+    model = LeNet(norm=norm, conv_impl=impl)
+    logits, stats = model.apply(
+      {**variables, "params": params}, x, train=True, mask=None if norm == "none" else mask, mutable=["batch_stats"]
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask), (logits, stats)  # the training loss
+
+  results = {impl: jax.grad(loss, has_aux=True)(variables["params"], impl) for impl in ("xla", "im2col", "lanes")}
+  for impl in ("im2col", "lanes"):
+    assert_trees_close(results[impl], results["xla"], "framework")
+    evaluated = LeNet(norm=norm, conv_impl=impl).apply(variables, x, train=False)
+    assert_trees_close(evaluated, LeNet(norm=norm, conv_impl="xla").apply(variables, x, train=False), "framework")
 
 
 @pytest.mark.parametrize(
@@ -75,6 +108,7 @@ def test_conv_implementations_agree_with_flax_conv(rng):
     (lambda: init_lenet(LeNet(norm="flax", unbiased_running_var=True), jax.random.key(0)), r"needs norm='ours'"),
     (lambda: LeNet().init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False), r"\(N, 28, 28, 1\)"),
     (lambda: conv2d_valid(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), "fft"), r"`impl` is 'fft'"),
+    (lambda: conv2d_valid(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), layout="NCHW"), r"`layout` is 'NCHW'"),
   ],
 )
 def test_bad_configuration_is_rejected_clearly(make, pattern):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from bnjax import BatchNorm, fold_batch_norm
 from bnjax.nnx import BatchNorm as NNXBatchNorm
-from experiments.lenet_fmnist.conv import Conv, NNXConv
+from experiments.lenet_fmnist.conv import Conv, NNXConv, channel_axis, native_layout
 
 NORMS = ("ours", "flax", "none")
 PRECISIONS = ("default", "high", "highest")
@@ -34,6 +34,30 @@ CHAPTER_EPSILON = 1e-5
 
 
 XAVIER = nn.initializers.xavier_uniform()
+
+
+def to_layout(images: jax.Array, layout: str) -> jax.Array:
+  """NHWC ``images`` in the convolutional blocks' ``layout`` (``"CHWN"``: the batch on the vector lanes)."""
+  return jnp.transpose(images, (3, 1, 2, 0)) if layout == "CHWN" else images
+
+
+def flatten(x: jax.Array, layout: str) -> jax.Array:
+  """(N, H*W*C) features in NHWC order (``fc1``'s rows) from the last block's output in ``layout``."""
+  return to_layout(x, layout).reshape(x.shape[-1] if layout == "CHWN" else x.shape[0], -1)
+
+
+def example_mask(mask: jax.Array | None, x: jax.Array, layout: str) -> jax.Array | None:
+  """The per-example ``mask`` (N,) shaped to broadcast over activations ``x``: (N, F), or 4-D in ``layout``."""
+  if mask is None:
+    return None
+  if x.ndim == 4 and layout == "CHWN":
+    return mask.reshape(1, 1, 1, -1)
+  return mask.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def pool(x: jax.Array) -> jax.Array:
+  """2x2 average pooling, stride 2, over the spatial axes of NHWC or CHWN ``x`` (axes 1 and 2 in both)."""
+  return nn.avg_pool(x, (2, 2), (2, 2))
 
 
 def check_precision(precision: str) -> str:
@@ -71,11 +95,12 @@ class LeNet(nn.Module):
       raise ValueError(f"`unbiased_running_var=True` needs norm='ours', but `norm` is {self.norm!r}.")
     check_precision(self.precision)
 
-  def _norm(self, x, train: bool, name: str, mask):
+  def _norm(self, x, train: bool, name: str, mask, layout: str):
     if self.norm == "none":
       return x
     kwargs = dict(
       use_running_average=not train,
+      axis=channel_axis(layout) if x.ndim == 4 else -1,
       momentum=CHAPTER_MOMENTUM,
       epsilon=CHAPTER_EPSILON,
       axis_name=self.axis_name,
@@ -85,26 +110,34 @@ class LeNet(nn.Module):
       layer = BatchNorm(unbiased_running_var=self.unbiased_running_var, **kwargs)
     else:
       layer = nn.BatchNorm(**kwargs)
-    # The per-example mask, shaped to broadcast over this layer's (N, H, W, C) or (N, F) activations.
-    return layer(x, mask=None if mask is None else mask.reshape((-1,) + (1,) * (x.ndim - 1)))
+    return layer(x, mask=example_mask(mask, x, layout))
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-    """Logits for NHWC images ``x``; ``mask`` (N,) bool leaves padded examples out of the BN statistics."""
-    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
-      raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
-    if mask is not None and tuple(mask.shape) != (x.shape[0],):
-      raise ValueError(f"`mask` has shape {tuple(mask.shape)}, but should be ({x.shape[0]},): one flag per example.")
-    conv = functools.partial(Conv, kernel_init=XAVIER, impl=self.conv_impl, precision=self.precision)
+    """Logits for NHWC images ``x``; ``mask`` (N,) bool leaves padded examples out of the BN statistics.
+
+    The convolutional blocks run in their convolution's native layout (CHWN for ``"lanes"``), the dense
+    ones on (N, F); the parameters are the same either way.
+    """
+    check_images(x, mask)
+    layout = native_layout(self.conv_impl)
+    conv = functools.partial(Conv, kernel_init=XAVIER, impl=self.conv_impl, precision=self.precision, layout=layout)
     dense = functools.partial(nn.Dense, kernel_init=XAVIER, precision=self.precision)
-    x = conv(6, (5, 5), name="conv1")(x)
-    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn1", mask)), (2, 2), (2, 2))
+    x = conv(6, (5, 5), name="conv1")(to_layout(x, layout))
+    x = pool(nn.sigmoid(self._norm(x, train, "bn1", mask, layout)))
     x = conv(16, (5, 5), name="conv2")(x)
-    x = nn.avg_pool(nn.sigmoid(self._norm(x, train, "bn2", mask)), (2, 2), (2, 2))
-    x = x.reshape(x.shape[0], -1)  # NHWC flatten: (h, w, c) order, unlike PyTorch's (c, h, w)
-    x = nn.sigmoid(self._norm(dense(120, name="fc1")(x), train, "bn3", mask))
-    x = nn.sigmoid(self._norm(dense(84, name="fc2")(x), train, "bn4", mask))
+    x = pool(nn.sigmoid(self._norm(x, train, "bn2", mask, layout)))
+    x = flatten(x, layout)  # NHWC flatten: (h, w, c) order, unlike PyTorch's (c, h, w)
+    x = nn.sigmoid(self._norm(dense(120, name="fc1")(x), train, "bn3", mask, layout))
+    x = nn.sigmoid(self._norm(dense(84, name="fc2")(x), train, "bn4", mask, layout))
     return dense(self.num_classes, name="fc3")(x)
+
+
+def check_images(x: jax.Array, mask: jax.Array | None) -> None:
+  if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+    raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
+  if mask is not None and tuple(mask.shape) != (x.shape[0],):
+    raise ValueError(f"`mask` has shape {tuple(mask.shape)}, but should be ({x.shape[0]},): one flag per example.")
 
 
 # Which BN layer follows which conv/dense layer in LeNet.
@@ -158,35 +191,36 @@ class NNXLeNet(nnx.Module):
     if norm not in NORMS:
       raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
     check_precision(precision)
-    self.norm, self.axis_name = norm, axis_name
-    conv = functools.partial(NNXConv, kernel_init=XAVIER, impl=conv_impl, precision=precision, rngs=rngs)
+    self.norm, self.axis_name, self.layout = norm, axis_name, native_layout(conv_impl)
+    conv = functools.partial(
+      NNXConv, kernel_init=XAVIER, impl=conv_impl, precision=precision, layout=self.layout, rngs=rngs
+    )
     linear = functools.partial(nnx.Linear, kernel_init=XAVIER, precision=precision, rngs=rngs)
+    conv_axis = channel_axis(self.layout)
     self.conv1 = conv(1, 6, (5, 5))
     self.conv2 = conv(6, 16, (5, 5))
     self.fc1 = linear(256, 120)
     self.fc2 = linear(120, 84)
     self.fc3 = linear(84, num_classes)
-    for name, features in (("bn1", 6), ("bn2", 16), ("bn3", 120), ("bn4", 84)):
-      setattr(self, name, self._make_norm(features, rngs))
+    for name, features, axis in (("bn1", 6, conv_axis), ("bn2", 16, conv_axis), ("bn3", 120, -1), ("bn4", 84, -1)):
+      setattr(self, name, self._make_norm(features, axis, rngs))
 
-  def _make_norm(self, features: int, rngs: nnx.Rngs):
+  def _make_norm(self, features: int, axis: int, rngs: nnx.Rngs):
     if self.norm == "none":
       return nnx.data(None)
     cls = NNXBatchNorm if self.norm == "ours" else nnx.BatchNorm
-    return cls(features, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, axis_name=self.axis_name, rngs=rngs)
+    return cls(
+      features, axis=axis, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, axis_name=self.axis_name, rngs=rngs
+    )
 
   def _norm(self, bn, x, mask):
-    if bn is None:
-      return x
-    return bn(x, mask=None if mask is None else mask.reshape((-1,) + (1,) * (x.ndim - 1)))
+    return x if bn is None else bn(x, mask=example_mask(mask, x, self.layout))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
-      raise ValueError(f"LeNet expects NHWC images of shape (N, 28, 28, 1), but got {tuple(x.shape)}.")
-    pool = lambda v: nn.avg_pool(v, (2, 2), (2, 2))  # noqa: E731
-    x = pool(nn.sigmoid(self._norm(self.bn1, self.conv1(x), mask)))
+    check_images(x, mask)
+    x = pool(nn.sigmoid(self._norm(self.bn1, self.conv1(to_layout(x, self.layout)), mask)))
     x = pool(nn.sigmoid(self._norm(self.bn2, self.conv2(x), mask)))
-    x = x.reshape(x.shape[0], -1)
+    x = flatten(x, self.layout)
     x = nn.sigmoid(self._norm(self.bn3, self.fc1(x), mask))
     x = nn.sigmoid(self._norm(self.bn4, self.fc2(x), mask))
     return self.fc3(x)
