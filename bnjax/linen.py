@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from flax.linen import dtypes, initializers, module
 from flax.linen.module import Module, compact
 
-from bnjax.functional import canonicalize_axes, check_mode, stats_dtypes
-from bnjax.module_common import OPTION_DEFAULTS as D
-from bnjax.module_common import call_batch_norm, optional_statistics
+from bnjax.checks import canonicalize_axes, check_mode
+from bnjax.functional import OPTION_DEFAULTS as D
+from bnjax.module_common import call_batch_norm, check_declares_options, optional_statistics
+from bnjax.state import stats_dtypes
 
 Initializer = Any
 
@@ -165,3 +166,6 @@ class BatchNorm(Module):
       for name, variable in variables.items():
         variable.value = getattr(new_stats, name)
     return y
+
+
+check_declares_options(BatchNorm.__init__, "bnjax.BatchNorm")  # its fields are batch_norm's options, same defaults

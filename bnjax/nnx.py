@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from bnjax.functional import PASSED_OPTIONS, BatchStats, canonicalize_axes, check_mode
-from bnjax.module_common import OPTION_DEFAULTS as D
-from bnjax.module_common import call_batch_norm, optional_statistics
+from bnjax.checks import canonicalize_axes, check_mode
+from bnjax.functional import OPTION_DEFAULTS as D
+from bnjax.module_common import call_batch_norm, optional_statistics, stores_options
+from bnjax.state import BatchStats
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
 _NO_MODE = (
@@ -67,6 +68,7 @@ class BatchNorm(nnx.Module):
       ``renorm_mean``/``renorm_std`` statistics and the counter ``num_batches_tracked``.
   """
 
+  @stores_options  # the options (momentum ... skip_nonfinite) become attributes of the same names
   def __init__(
     self,
     num_features: int,
@@ -112,9 +114,6 @@ class BatchNorm(nnx.Module):
     self.num_features, self.use_running_average, self.axis = num_features, use_running_average, axis
     self.dtype, self.param_dtype, self.promote_dtype = dtype, param_dtype, promote_dtype
     self.use_bias, self.use_scale = use_bias, use_scale
-    options = locals()
-    for name in PASSED_OPTIONS:  # kept under batch_norm's names, as the linen module's fields
-      setattr(self, name, options[name])
     # Optional statistics exist only when an option uses them (same names as the linen module's).
     extra = optional_statistics(self, feature_shape, jnp.float32)
     for name in BatchStats._fields[2:]:

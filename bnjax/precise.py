@@ -30,8 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from bnjax.functional import Grouping, _local_moments, canonicalize_axes, check_mode, real_dtype
+from bnjax.checks import canonicalize_axes, check_mode
 from bnjax.linen import BatchNorm
+from bnjax.moments import local_moments
+from bnjax.state import real_dtype
+from bnjax.variants import Grouping
 
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 # The name under which a layer collects its moments in `batch_stats` during a pass (never returned).
@@ -79,7 +82,7 @@ def _input_moments(module: nn.Module, x: jax.Array, mask: jax.Array | None) -> L
   layout = grouping.layout
   if mask is not None:
     mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), inputs.shape).reshape(grouping.shape))
-  count, mean, m2 = _local_moments(layout.to_work(inputs.reshape(grouping.shape)), layout, mask)
+  count, mean, m2 = local_moments(layout.to_work(inputs.reshape(grouping.shape)), layout, mask)
   count, mean, m2 = (layout.per_feature_from_work(jnp.broadcast_to(v, mean.shape)) for v in (count, mean, m2))
   if grouping.group_pos is not None:  # per-group moments -> the batch's, M2 within the groups
     g = grouping.group_pos

@@ -1,0 +1,130 @@
+"""Normalization by given statistics (evaluation) and by batch statistics with its closed-form custom JVP (training)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax.layout import Layout
+from bnjax.moments import batch_moments
+
+
+def _re_conj_mul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``re(conj(a) b)``: the real inner product's terms; plain ``a * b`` for real arrays."""
+  if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+    return jnp.real(jnp.conj(a) * b)
+  return a * b
+
+
+def normalize(
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  feature_axes: tuple[int, ...],
+  epsilon: float,
+  dtype: Any,
+) -> jax.Array:
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with given (running) statistics."""
+  layout = Layout(x.shape, feature_axes)
+  compute = jnp.promote_types(x.dtype, mean.dtype)
+
+  def per_feature(v):
+    return layout.expand(layout.per_feature_to_work(jnp.asarray(v).astype(compute)))
+
+  mul = lax.rsqrt(var.astype(compute) + epsilon)
+  if scale is not None:
+    mul = mul * jnp.asarray(scale).astype(compute)
+  y = (layout.to_work(x.astype(compute)) - per_feature(mean)) * per_feature(mul)
+  if bias is not None:
+    y = y + per_feature(bias)
+  return y.reshape(x.shape).astype(dtype)
+
+
+def normalize_by_batch(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  layout: Layout,
+  epsilon: float,
+  *,
+  mask: jax.Array | None = None,
+  axis_name: str | None = None,
+  axis_index_groups: Any = None,
+  use_fast_variance: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(y, mean, var, count)``: ``y = scale * xhat + bias`` with ``xhat`` standardized by batch statistics.
+
+  ``x`` and ``mask`` are in ``layout``'s working shape, ``scale``/``bias`` and the per-feature results
+  in its per-feature shape. Differentiation uses the closed form, as a custom JVP so forward and
+  reverse mode both work:
+
+      dy = xhat dscale + dbias + k (dx - E[dx] - xhat re E[conj(xhat) dx]),   k = scale * rsqrt(var + epsilon)
+
+  with ``E`` the (masked, cross-device) batch mean (``conj`` and ``re`` only matter for complex input).
+  The per-feature factor ``k`` is applied after each batch mean, so the transpose (the backward pass)
+  needs only ``sum(dy)`` and ``sum(dy * xhat)``, the same two reductions that give the bias and scale
+  gradients, and one elementwise pass for ``dx``. Autodiff through the stable variance's arithmetic
+  would add several more passes over the activations.
+  """
+  moments = functools.partial(
+    batch_moments,
+    layout=layout,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    use_fast_variance=use_fast_variance,
+  )
+  per_feature = layout.expand
+
+  def batch_mean(v, count):
+    if mask is not None:
+      v = jnp.where(mask, v, 0.0)
+    total = layout.sum(v)
+    if axis_name is not None:
+      total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
+    return total / jnp.maximum(count, 1.0)
+
+  def primal(x, scale, bias):
+    mean, var, count, center = moments(x)
+    r = lax.rsqrt(var + epsilon)
+    if mask is not None:
+      # A feature with no valid example anywhere has no statistics: its xhat is defined as 0 (y = bias),
+      # and, with k = scale * r = 0, no gradient flows to its inputs.
+      r = jnp.where(count > 0, r, 0.0)
+    if mask is not None:  # padding (even NaN or inf) is replaced before it can reach outputs or gradients
+      x = jnp.where(mask, x, 0.0)
+    if center is None:
+      xhat = (x - per_feature(mean)) * per_feature(r)
+    else:
+      m1, mean_d = center
+      xhat = ((x - per_feature(m1)) - per_feature(mean_d)) * per_feature(r)
+    return xhat * per_feature(scale) + per_feature(bias), mean, var, count, xhat, r
+
+  @jax.custom_jvp
+  def normalize(x, scale, bias):
+    return primal(x, scale, bias)[:4]
+
+  @normalize.defjvp
+  def normalize_jvp(primals, tangents):
+    (x, scale, bias), (dx, dscale, dbias) = primals, tangents
+    y, mean, var, count, xhat, r = primal(x, scale, bias)
+    k = scale * r
+    dmean = batch_mean(dx, count)
+    xhat_dx = batch_mean(_re_conj_mul(xhat, dx), count)
+    # Only additions, with each per-feature factor (and sign) inside per_feature(...): the transpose
+    # then reduces exactly sum(ct) and sum(xhat * ct), which XLA shares with the bias/scale gradients.
+    dy = xhat * per_feature(dscale) + per_feature(dbias)
+    dy = dy + per_feature(k) * dx + per_feature(-k * dmean) + xhat * per_feature(-k * xhat_dx)
+    # d E[|x - mean|^2] = 2 re E[conj(x - mean) dx], and x - mean = xhat * sqrt(var + epsilon).
+    dvar = 2.0 * xhat_dx * jnp.sqrt(var + epsilon)
+    if mask is not None:  # masked outputs are placeholders: no gradient flows through them
+      dy = jnp.where(mask, dy, 0.0)
+    return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
+
+  return normalize(x, scale, bias)
