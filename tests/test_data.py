@@ -1,6 +1,7 @@
 """Fashion-MNIST loading: IDX parsing, validation with clear errors, and the real data set."""
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -144,8 +145,11 @@ def test_uint8_pixels_are_the_raw_bytes_of_the_float_ones(fmnist_dir):
     data.load_idx_dir(fmnist_dir, pixels="float64")
 
 
-def test_the_tfds_source_reads_through_data_source_without_tensorflow(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")  # the [experiments] extra installs it; CI has it
+def test_the_tfds_source_reads_through_data_source_without_tensorflow(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # the [experiments] extra installs it: a broken install fails here
+
+  # mock_data downloads nothing, so it needs no network; the check for one is the next test's subject.
+  monkeypatch.setattr(data, "check_resolves", lambda host: None)
   with tfds.testing.mock_data(num_examples=7):
     ds = data.load_fashion_mnist(str(tmp_path), source="tfds", pixels="uint8")
   assert ds.source == "tensorflow-datasets"
@@ -163,3 +167,21 @@ def test_auto_without_any_source_names_every_place_it_looked(monkeypatch, tmp_pa
   message = str(e.value)
   for place in ("--data-dir", data.ENV_VAR, str(tmp_path / "nowhere"), "tensorflow-datasets", "--data-source tfds"):
     assert place in message, (place, message)
+
+
+def test_tfds_offline_fails_at_once_naming_the_host_and_what_to_do(monkeypatch, tmp_path):
+  import socket
+
+  import tensorflow_datasets as tfds
+
+  assert f"//{data.TFDS_HOST}/" in tfds.builder_cls("fashion_mnist").URL  # the host tfds downloads from
+
+  def no_name_resolution(host, *args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+  monkeypatch.setattr(socket, "getaddrinfo", no_name_resolution)
+  with pytest.raises(data.DataError) as e:  # (not after tfds' retries: it is never asked to download)
+    data.load_fashion_mnist(tmp_path / "tfds", source="tfds")
+  message = str(e.value)
+  assert re.search(r"fashion-mnist\.s3-website\S*, but that name does not resolve here \(Name or service not", message)
+  assert "socket.getaddrinfo" in message and "--data-dir" in message and "apt-get install" in message

@@ -53,10 +53,12 @@ def test_end_to_end_writes_metrics_plot_checkpoint_and_prints_the_chapter_lines(
   assert len(summary["gamma"]) == 6
 
 
-def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path):
+def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path, capsys):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "straight", "--epochs", "3"))
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "resumed", "--epochs", "1"))
+  capsys.readouterr()
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "resumed", "--epochs", "3", "--resume"))
+  assert re.findall(r"\[ours\] epoch +(\d+)/3", capsys.readouterr().out) == ["2", "3"]  # only the remaining ones
   straight = json.loads((tmp_path / "straight" / "ours" / "metrics.json").read_text())["epochs"]
   resumed = json.loads((tmp_path / "resumed" / "ours" / "metrics.json").read_text())["epochs"]
   keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -98,11 +100,14 @@ def test_missing_data_exits_with_one_clear_message(tmp_path):
     ("--lr", "inf"),
     ("--seed", "-1"),
     ("--seed", str(2**32)),
+    ("--compile-cache", "''"),  # JAX would read an empty directory as the current one
+    ("--coordinator", "'127.0.0.1:99999'"),  # no such port: refused here, not after --timeout
+    ("--coordinator", "'127.0.0.1'"),
   ],
 )
 def test_bad_flags_are_rejected_with_one_error_line(flag, value, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    lenet_fmnist.parse_args([flag, value])
+    lenet_fmnist.parse_args([flag, value.strip("'"), *(["--num-processes", "2"] if flag == "--coordinator" else [])])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and f"error: {flag} is {value}" in err and "Traceback" not in err
 
@@ -141,7 +146,9 @@ def test_resume_refuses_a_run_directory_without_a_checkpoint(fmnist_dir, tmp_pat
 def test_resume_with_other_settings_is_refused(fmnist_dir, tmp_path, flag, value):
   devices = ["--devices", "4"] if flag == "--bn-group-size" else []
   lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "1"), *devices])
-  with pytest.raises(SystemExit, match=rf"error: --resume: .*belongs to a run with {flag} .*\(now {value}"):
+  # (one BN group of 4 devices normalizes over the whole batch of 64; groups of 2 over 32 examples each)
+  said = r"BN groups of 64 examples \(now 32" if flag == "--bn-group-size" else rf"{flag} .*\(now {value}"
+  with pytest.raises(SystemExit, match=rf"error: --resume: .*belongs to a run with {said}"):
     lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"), *devices, flag, value])
 
 
@@ -247,18 +254,26 @@ def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_pat
   assert [e["epoch"] for e in history] == list(range(1, saved + 3)) and np.isfinite(summary["train_loss"])
 
 
-def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(fmnist_dir, tmp_path):
+@pytest.mark.parametrize(
+  "signame,code,said",
+  [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")],
+  ids=["ctrl-c", "kill"],
+)
+def test_ctrl_c_or_sigterm_exits_with_one_line_saying_how_to_resume(fmnist_dir, tmp_path, signame, code, said):
   import signal
 
   # So many epochs that the run cannot end before the signal, however fast the machine.
   proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000", cache=tmp_path / "cache")
   wait_for_epoch_line(proc, 2)  # so that epoch 1 is saved
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(getattr(signal, signame))
   _, err = proc.communicate(timeout=60)
-  assert proc.returncode == 130, err
+  assert proc.returncode == code, err
   assert "Traceback" not in err and "compilation cache:" in err
   (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-  assert "interrupted during [ours]" in line and "checkpoint.msgpack" in line and "--resume" in line
+  assert re.match(
+    rf"error: {re.escape(said)} during \[ours\]\. Saved: \[ours\] epoch \d+ in .*checkpoint\.msgpack", line
+  )
+  assert "--resume" in line
   assert (
     not list((tmp_path / "run" / "ours").glob(".*.tmp")) and not (tmp_path / "run" / "ours" / "curves.svg").exists()
   )
@@ -414,6 +429,33 @@ def test_too_little_data_is_one_error_line_before_training(tmp_path, capsys, n_t
   assert not list((tmp_path / "run").glob("*/checkpoint.msgpack"))
 
 
+def test_a_symlink_loop_as_out_is_named_as_one(tmp_path):
+  (tmp_path / "loop").symlink_to(tmp_path / "loop")
+  with pytest.raises(SystemExit, match=r"error: --out .*loop is, or passes through, a symlink loop"):
+    lenet_fmnist.main(["--out", str(tmp_path / "loop"), "--no-compile-cache"])
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_is_one_error_line_naming_the_file(fmnist_dir, tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  # The child limits itself (no preexec_fn: forking this multithreaded process may deadlock); the checkpoint,
+  # a few hundred KB, is the first file over 100 KB.
+  code = (
+    "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+    "sys.argv[0] = 'lenet_fmnist'; runpy.run_module('experiments.lenet_fmnist', run_name='__main__')"
+  )
+  args = cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--no-compile-cache")
+  result = subprocess.run(
+    [sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+  )
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert re.fullmatch(r"error: cannot write the run's files \(.*/run/ours/checkpoint\.msgpack\): File too large", last)
+
+
 def test_an_empty_out_is_refused():
   with pytest.raises(SystemExit, match=r"error: --out is empty"):
     lenet_fmnist.main(["--out", ""])
@@ -539,3 +581,114 @@ def test_resume_with_other_seeds_or_ema_is_refused(fmnist_dir, tmp_path):
   ema_differs = r"belongs to a run with --precise-bn 0 \(now 100\), --ema 0.0 \(now 0.5\)"
   with pytest.raises(SystemExit, match=r"error: --resume: .*" + ema_differs):
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--seeds", "0-1", "--ema", "0.5", "--resume"))
+
+
+# --- a run's identity, one epoch per comparison, honest labels (issue 26) -----------------------------
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_number_of_examples_each_bn_group_normalizes_over(fmnist_dir, tmp_path):
+  run = tmp_path / "run"
+  # 2 devices in BN groups of 1: each BN layer normalizes over 32 of a batch's 64 examples.
+  lenet_fmnist.main([*cli(fmnist_dir, run, "--epochs", "1"), "--devices", "2", "--bn-group-size", "1"])
+  # 1 device: over all 64, another computation.
+  with pytest.raises(SystemExit, match=r"error: --resume: .*belongs to a run with BN groups of 32 examples \(now 64"):
+    lenet_fmnist.main([*cli(fmnist_dir, run, "--epochs", "2", "--resume"), "--devices", "1", "--bn-group-size", "1"])
+  # 4 devices in groups of 2: 32 examples again, the same computation laid out on other devices.
+  lenet_fmnist.main([*cli(fmnist_dir, run, "--epochs", "2", "--resume"), "--devices", "4", "--bn-group-size", "2"])
+  assert [e["epoch"] for e in json.loads((run / "ours" / "metrics.json").read_text())["epochs"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_all_variants_resumed_past_epochs_are_refused_not_compared_across_epochs(fmnist_dir, tmp_path, capsys):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2"))
+  capsys.readouterr()
+  with pytest.raises(
+    SystemExit, match=r"error: --resume: .*ours.checkpoint\.msgpack is at epoch 2, past --epochs 1; .*--epochs 2"
+  ):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--bn", "all", "--resume"))
+  assert "] epoch" not in capsys.readouterr().out  # refused before any variant trained
+  assert not (tmp_path / "run" / "comparison.md").exists() and not (tmp_path / "run" / "flax").exists()
+
+
+@pytest.mark.slow
+def test_all_variants_are_labelled_with_what_each_ran(fmnist_dir, tmp_path):
+  # --precise-bn applies to every variant with BN: ours and ours-precise then run the same thing.
+  summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all", "--precise-bn", "2"))
+  rows = [line.split(" | ")[0][2:] for line in (tmp_path / "all" / "comparison.md").read_text().splitlines()[2:]]
+  assert rows == [
+    "bnjax.BatchNorm + precise BN",
+    "flax.linen.BatchNorm + precise BN",
+    "no BatchNorm",
+    "bnjax.BatchNorm + precise BN",
+    "bnjax.BatchNorm + precise BN + EMA weights",
+  ]
+  assert [s["label"] for s in summaries] == rows
+  ours, precise = summaries[0], summaries[3]
+  assert (ours["train_loss"], ours["test_acc"]) == (precise["train_loss"], precise["test_acc"])
+  (none,) = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "none", "--epochs", "1", "--bn", "none", "--ema", "0.9"))
+  assert none["label"] == "no BatchNorm + EMA weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", ["1000", "100000000"], ids=["just-over", "huge"])
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_deleted(fmnist_dir, tmp_path, batch_size):
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+  ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
+  before = ckpt.read_bytes()
+  with pytest.raises(SystemExit, match=rf"error: --batch-size is {batch_size}, but the training set has 512 examples"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite", "--batch-size", batch_size))
+  assert ckpt.read_bytes() == before and (tmp_path / "run" / "ours" / "metrics.json").is_file()
+
+
+# --- resume is observed resuming; the chapter's settings are pinned -------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoints_weights(fmnist_dir, tmp_path):
+  import hashlib
+  import shutil
+
+  import jax
+  from flax import serialization
+
+  lenet_fmnist.main(cli(fmnist_dir, tmp_path / "kept", "--epochs", "1"))
+  shutil.copytree(tmp_path / "kept", tmp_path / "altered")
+  ckpt = tmp_path / "altered" / "ours" / "checkpoint.msgpack"
+  raw = serialization.msgpack_restore(ckpt.read_bytes())
+  payload = serialization.msgpack_restore(raw["payload"])
+  payload["state"]["params"] = jax.tree.map(lambda a: a * 0.5, payload["state"]["params"])
+  raw["payload"] = serialization.msgpack_serialize(payload)
+  raw["sha256"] = hashlib.sha256(raw["payload"]).hexdigest()  # a valid checkpoint of other weights
+  ckpt.write_bytes(serialization.msgpack_serialize(raw))
+  for name in ("kept", "altered"):
+    lenet_fmnist.main(cli(fmnist_dir, tmp_path / name, "--epochs", "2", "--resume"))
+  kept, altered = (
+    json.loads((tmp_path / n / "ours" / "metrics.json").read_text())["epochs"] for n in ("kept", "altered")
+  )
+  assert kept[0] == altered[0]  # epoch 1 comes from the checkpoints' history, not retrained
+  assert kept[1]["train_loss"] != altered[1]["train_loss"]  # epoch 2 trained from each checkpoint's weights
+
+
+def test_the_cli_defaults_are_the_chapters_settings():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  import bnjax
+  from experiments.lenet_fmnist.models import LeNet
+
+  args = lenet_fmnist.parse_args([])
+  assert (args.lr, args.batch_size, args.epochs, args.bn, args.seed) == (1.0, 256, 10, "ours", 0)
+  assert (args.precise_bn, args.ema, args.precision) == (0, None, "highest")
+  for norm, kind in (("ours", bnjax.BatchNorm), ("flax", nn.BatchNorm)):
+    layers = {}
+
+    def record(next_fun, fun_args, kwargs, context, layers=layers, kind=kind):
+      if isinstance(context.module, kind):
+        layers[context.module.name] = (context.module.momentum, context.module.epsilon)
+      return next_fun(*fun_args, **kwargs)
+
+    with nn.intercept_methods(record):
+      LeNet(norm).init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True)
+    assert layers == {f"bn{i}": (0.9, 1e-5) for i in range(1, 5)}, norm

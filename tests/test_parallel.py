@@ -254,7 +254,7 @@ def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
   )
   for code, _out, err in results:
     assert code == 0, err[-2000:]
-  assert "resumed from" in results[0][1]
+  assert "resumed from" in results[0][1] and "epoch  1/2" not in results[0][1]  # only epoch 2 trains
   two, h2 = checkpoint(tmp_path / "two")
   assert_close_and_record("parallel: 2 processes x 2 devices vs 1 device", two, one_epoch_1["state"], "trajectory")
   assert [h["epoch"] for h in h2] == [1, 2]
@@ -319,3 +319,35 @@ def test_processes_started_with_different_settings_refuse_before_any_work(five_s
     last = err.strip().splitlines()[-1]
     assert re.match(rf"error: process 1 of 2 runs with {said}; ", last), err[-1500:]
   assert not (tmp_path / "o" / "ours" / "checkpoint.msgpack").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", ["1", None], ids=["devices-1", "all-devices"])
+def test_processes_with_different_local_device_counts(five_step_data, tmp_path, devices):
+  # Process 0 has 2 local devices, process 1 one. With --devices 1 each trains on one: the one-device
+  # numbers. With all of each (the default) they would not lay out one mesh: one line says why.
+  from experiments import lenet_fmnist
+
+  coordinator, procs = f"127.0.0.1:{free_port()}", []
+  extra = ["--devices", devices] if devices else ["--batch-size", "96"]  # (96: divisible by 2 and 3 devices)
+  for i, count in ((0, 2), (1, 1)):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(five_step_data, tmp_path / "two", "--epochs", "1")]
+    cmd += [*extra, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = finish(procs, timeout=240)
+  if devices is None:
+    for code, _out, err in results:
+      assert code == 1 and "Traceback" not in err, err[-2000:]
+      last = err.strip().splitlines()[-1]
+      assert re.match(r"error: process 1 of 2 runs with devices 1 \(process 0: 2\); .*--devices N", last), err[-1500:]
+    return
+  for code, _out, err in results:
+    assert code == 0, err[-2000:]
+  assert "data parallel: 2 devices (1 BN group(s) of 2), 2 process(es)" in results[0][1]
+  lenet_fmnist.main(cli(five_step_data, tmp_path / "one", "--epochs", "1", "--devices", "1"))
+  (two, h2), (one, h1) = checkpoint(tmp_path / "two"), checkpoint(tmp_path / "one")
+  assert_close_and_record("parallel: 2 processes x 1 device vs 1 device", two, one, "trajectory")
+  assert_close_and_record(
+    "parallel: 2 processes x 1 device vs 1 device", h2[0]["train_loss"], h1[0]["train_loss"], "trajectory"
+  )

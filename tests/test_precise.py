@@ -91,8 +91,11 @@ def test_a_shared_layer_pools_all_its_calls(rng):
 
 
 @pytest.mark.parametrize("norm", ["ours", "flax"])
-def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng, norm):
-  model = LeNet(norm=norm)
+@pytest.mark.parametrize("conv_impl", ["im2col", "lanes"])  # features last (NHWC), or first (CHWN)
+def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng, norm, conv_impl):
+  from experiments.lenet_fmnist.conv import channel_axis, native_layout
+
+  model = LeNet(norm=norm, conv_impl=conv_impl)
   variables = init_lenet(model, jax.random.key(0))
   batches = [jnp.asarray(rng.random((32, 28, 28, 1), np.float32)) for _ in range(3)]
   out = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": True})
@@ -105,6 +108,7 @@ def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng,
     )
     for bn, layer in inputs.items():
       h = np.asarray(state["intermediates"][layer]["__call__"][0], np.float64)
+      h = np.moveaxis(h, channel_axis(native_layout(conv_impl)), -1) if h.ndim == 4 else h
       captured[bn].append(h.reshape(-1, h.shape[-1]))
   for bn, hs in captured.items():
     h = np.concatenate(hs)

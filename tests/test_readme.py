@@ -46,3 +46,39 @@ def test_quoted_experiment_output_matches_what_it_prints(fmnist_dir, tmp_path, c
       continue
     found = re.search(f"^{as_pattern(line)}$", printed, flags=re.M)
     assert found, f"README quotes {line!r}, which the experiment does not print"
+
+
+PRINTED = re.compile(r"^(\s*)print\((.*)\)\s+#\s*(.+?)\s*$")  # print(x)  # what it prints
+
+
+def with_outputs_checked(code: str) -> tuple[str, int]:
+  """``code`` with every ``print(...)  # output`` line turned into a check that it prints ``output``; the count."""
+  lines = code.splitlines()
+  for i, line in enumerate(lines):
+    found = PRINTED.match(line)
+    if found:
+      indent, args, quoted = found.groups()
+      lines[i] = f"{indent}__printed__({quoted!r}, {args})"
+  return "\n".join(lines), sum(bool(PRINTED.match(line)) for line in code.splitlines())
+
+
+def printed_as_quoted(quoted: str, *args) -> None:
+  got = " ".join(map(str, args))
+  assert got == quoted, f"README says this prints {quoted!r}, but it prints {got!r}"
+
+
+def test_the_outputs_quoted_in_python_blocks_are_what_they_print(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  checked = 0
+  for code in blocks("python"):
+    source, count = with_outputs_checked(code)
+    exec(compile(source, "README.md", "exec"), {"__name__": "__readme__", "__printed__": printed_as_quoted})
+    checked += count
+  assert checked >= 5  # (6,), 1, ['mean', ...], True, (4, 10)
+
+
+def test_a_wrong_quoted_output_is_caught():
+  source, count = with_outputs_checked("print(1 + 1)  # 3")
+  with pytest.raises(AssertionError, match=r"README says this prints '3', but it prints '2'"):
+    exec(compile(source, "README.md", "exec"), {"__printed__": printed_as_quoted})
+  assert count == 1

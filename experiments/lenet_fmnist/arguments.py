@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--loop", choices=("auto", "step", "scan"), default="auto", help="epoch loop driver (see train.py)")
   p.add_argument(
-    "--conv-impl", choices=("auto", "xla", "im2col"), default="auto", help="see experiments/lenet_fmnist/conv.py"
+    "--conv-impl",
+    choices=("auto", "xla", "im2col", "lanes"),
+    default="auto",
+    help="how convolutions are computed: lanes (the batch on the vector lanes, CHWN matmuls: fastest on CPU), "
+    "im2col (NHWC patch matmuls), xla (lax.conv: fastest on GPU); auto picks lanes on CPU, xla elsewhere",
   )
   p.add_argument(
     "--precision",
@@ -172,6 +176,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--bn-group-size is {args.bn_group_size}, but should be at least 1")
   if args.num_processes < 1:
     p.error(f"--num-processes is {args.num_processes}, but should be at least 1")
+  if args.coordinator is not None:
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+      p.error(
+        f"--coordinator is {args.coordinator!r}, but should be HOST:PORT with a port in 1..65535 "
+        "(process 0's address, e.g. 127.0.0.1:12355)"
+      )
+  if not args.no_compile_cache and not args.compile_cache.strip():  # JAX reads "" as the current directory
+    p.error(
+      f"--compile-cache is {args.compile_cache!r}, but should name a directory (an empty one would fill the "
+      "current directory); --no-compile-cache turns the cache off"
+    )
   if args.num_processes > 1 and not args.coordinator:
     p.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address)")
   if args.coordinator and args.num_processes < 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,9 +22,12 @@ import numpy as np
 CHECKPOINT, METRICS, LOCK = "checkpoint.msgpack", "metrics.json", ".lock"
 FORMAT = "bnjax-checkpoint-2"  # a SHA-256 over the payload; format 1 (no digest) is still read
 # What a resumed run must share with the checkpoint's run (--epochs may grow), in the checkpoint's words.
-# "seed" is the list of seeds for a run of several (--seeds).
+# "seed" is the list of seeds for a run of several (--seeds). "bn_group_examples" is how many examples of a
+# batch each BN layer normalizes over (--batch-size over the number of BN groups): what --devices, the
+# process count and --bn-group-size change in the computation. The devices themselves are free to change
+# when they lay out the same computation (e.g. 2 devices in groups of 1, or 4 in groups of 2).
 RUN_IDENTITY = (
-  "bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_size", "precise_bn", "ema", "data"
+  "bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_examples", "precise_bn", "ema", "data"
 )  # fmt: skip
 
 
@@ -33,8 +37,8 @@ class RunError(Exception):
 
 def run_config(args: argparse.Namespace, **derived) -> dict:
   """The settings that make a run what it is, :data:`RUN_IDENTITY`'s names: those in ``derived`` (the variant's
-  ``bn``, its ``precise_bn`` batches and ``ema`` decay, the data set's fingerprint ``data``), the others
-  from ``args``."""
+  ``bn``, its ``precise_bn`` batches and ``ema`` decay, the data set's fingerprint ``data``, the examples per
+  BN group ``bn_group_examples``), the others from ``args``."""
   seed = args.seeds if len(args.seeds) > 1 else args.seeds[0]
   return {k: derived[k] if k in derived else getattr(args, k) for k in RUN_IDENTITY} | {"seed": seed}
 
@@ -57,6 +61,10 @@ def atomic_write(path: Path, write) -> None:
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    if e.filename is None:  # write() and fsync() errors (a full disk, a file-size limit) name no file
+      raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    raise
   finally:
     tmp.unlink(missing_ok=True)
 
@@ -78,6 +86,15 @@ def prepare_out_dir(out: str) -> Path:
   if not out.strip():  # Path("") is the current directory: a typo must not spill runs into it
     raise RunError("--out is empty; name a directory for the run's files (default runs/lenet_fmnist).")
   out = Path(out)
+  try:
+    os.stat(out)
+  except OSError as e:  # a loop makes exists() False and mkdir() say "File exists"
+    if e.errno == errno.ELOOP:
+      raise RunError(
+        f"--out {out} is, or passes through, a symlink loop; remove the link or use another --out."
+      ) from None
+    if out.is_symlink():
+      raise RunError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist.") from None
   if out.exists() and not out.is_dir():
     raise RunError(f"--out {out} is an existing file, not a directory.")
   try:
@@ -138,6 +155,31 @@ def check_runs(out: Path, norms: list[str], args: argparse.Namespace) -> None:
       )
 
 
+def check_same_epoch(out: Path, norms: list[str], epochs: int) -> None:
+  """Before any work, for variants resumed to be compared side by side (--bn all): none has a checkpoint past
+  ``epochs``, where it would stand at its own epoch beside the others at ``epochs`` (a single --bn refuses it too).
+
+  Unreadable checkpoints are left to :func:`restore_checkpoint`, which names the damage.
+  """
+  past = {}
+  for norm in norms:
+    path = out / norm / CHECKPOINT
+    try:
+      epoch = int(read_checkpoint(path)["epoch"]) if path.is_file() else 0
+    except RunError:
+      raise
+    except Exception:
+      continue
+    if epoch > epochs:
+      past[path] = epoch
+  if past:
+    path, epoch = next(iter(past.items()))
+    raise RunError(
+      f"--resume: {path} is at epoch {epoch}, past --epochs {epochs}; the comparison would put it beside "
+      f"variants at epoch {epochs}. Pass --epochs {max(past.values())} or more, or use a new --out."
+    )
+
+
 def _state_tree(state) -> dict:
   tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
   return tree if state.ema_params is None else tree | {"ema_params": state.ema_params}
@@ -183,6 +225,13 @@ def read_checkpoint(path: Path, note_unchecked: bool = False) -> dict:
   return serialization.msgpack_restore(raw["payload"])
 
 
+def _difference(key: str, saved, now) -> str:
+  """One setting the checkpoint's run had otherwise, in the words of the flag that sets it."""
+  if key == "bn_group_examples":
+    return f"BN groups of {saved} examples (now {now}: --batch-size x --bn-group-size / the devices of all processes)"
+  return f"--{key.replace('_', '-')} {saved} (now {now})"
+
+
 def restore_checkpoint(path: Path, state, config: dict):
   """``(state, epoch, history)`` from ``path``; RunError for a corrupted file or another run's settings."""
   import jax
@@ -203,11 +252,7 @@ def restore_checkpoint(path: Path, state, config: dict):
     raise unusable(e) from None
   # The settings first: another run's state may not even fit this one's (other seeds, no averaged weights).
   # Checkpoints written before a setting was recorded say nothing about it: it is not compared.
-  differ = [
-    f"--{k.replace('_', '-')} {saved[k]} (now {config[k]})"
-    for k in RUN_IDENTITY
-    if k in saved and saved[k] != config[k]
-  ]
+  differ = [_difference(k, saved[k], config[k]) for k in RUN_IDENTITY if k in saved and saved[k] != config[k]]
   if differ:
     raise RunError(
       f"--resume: the checkpoint {path} belongs to a run with {', '.join(differ)}; resuming would mix two "

@@ -11,9 +11,11 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 
 class DistributedError(RuntimeError):
@@ -98,9 +100,32 @@ def stalled_message(timeout_s: float, doing: str) -> str:
   )
 
 
-def barrier(name: str) -> None:
-  """All processes meet here (a no-op with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+def allgather_rows(row: np.ndarray) -> np.ndarray:
+  """Every process's ``row`` (the same shape and dtype on each), stacked in process order.
 
-    multihost_utils.sync_global_devices(name)
+  One device per process carries the rows, so processes with different numbers of local devices can
+  exchange them (``jax.experimental.multihost_utils`` lays its arrays out on every process's devices as a
+  ``(process_count, local_device_count)`` grid, which only exists when every process has as many).
+  """
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  if jax.process_count() == 1:
+    return np.asarray(row)[None]
+  firsts = [
+    min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in range(jax.process_count())
+  ]
+  mesh = Mesh(np.array(firsts), ("processes",))
+  mine = jax.device_put(np.asarray(row)[None], firsts[jax.process_index()])
+  rows = jax.make_array_from_single_device_arrays(
+    (len(firsts), *np.shape(row)), NamedSharding(mesh, PartitionSpec("processes")), [mine]
+  )
+  everyone = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(rows)
+  return np.asarray(everyone.addressable_data(0))
+
+
+def barrier(name: str) -> None:
+  """All processes meet here (a no-op with one process); a process at another barrier is an error."""
+  if jax.process_count() > 1:
+    names = allgather_rows(np.array([zlib.crc32(name.encode())], np.uint32))
+    if (names != names[0]).any():
+      raise DistributedError(f"process {jax.process_index()} reached barrier {name!r} while another did not.")

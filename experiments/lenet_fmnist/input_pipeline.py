@@ -22,7 +22,9 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import socket
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -185,6 +187,36 @@ def _tfds_split(source) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
+# Where tensorflow-datasets downloads fashion_mnist from (its builder's URL).
+TFDS_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+
+
+def check_resolves(host: str, timeout_s: float = 10.0) -> None:
+  """DataError within ``timeout_s`` seconds when ``host``'s name does not resolve (offline, no DNS).
+
+  tensorflow-datasets retries a failed download for minutes before it gives up; a name that does not
+  resolve is known at once.
+  """
+  failed: list[str] = []
+
+  def resolve():
+    try:
+      socket.getaddrinfo(host, 80)
+    except OSError as e:
+      failed.append(e.strerror or str(e))
+
+  thread = threading.Thread(target=resolve, daemon=True, name="bnjax-resolve")
+  thread.start()
+  thread.join(timeout_s)
+  if failed or thread.is_alive():
+    reason = failed[0] if failed else f"no answer within {timeout_s:.0f} s"
+    raise DataError(
+      f"tensorflow-datasets would download fashion_mnist from {host}, but that name does not resolve here "
+      f'({reason}): no network or no name resolution. Check it with python -c "import socket; '
+      f"socket.getaddrinfo('{host}', 80)\", or use the IDX files instead. {HOW_TO_GET}"
+    )
+
+
 def load_tfds(data_dir: str | None = None, download: bool = False, pixels: str = "float32") -> FashionMNIST:
   """Loads Fashion-MNIST through tensorflow-datasets' random-access ``tfds.data_source`` (no TensorFlow needed).
 
@@ -193,6 +225,8 @@ def load_tfds(data_dir: str | None = None, download: bool = False, pixels: str =
   """
   if pixels not in PIXELS:
     raise ValueError(f"`pixels` is {pixels!r}, but should be one of {PIXELS}.")
+  if download and not _tfds_prepared(data_dir):
+    check_resolves(TFDS_HOST)
   try:
     import tensorflow_datasets as tfds
 

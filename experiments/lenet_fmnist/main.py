@@ -41,6 +41,7 @@ from experiments.lenet_fmnist.checkpoint import (
   RunError,
   atomic_write_text,
   check_runs,
+  check_same_epoch,
   data_fingerprint,
   exclusive,
   make_writable_dir,
@@ -123,7 +124,8 @@ def agree_across_processes(settings: dict) -> None:
   stops every process with the same one line, before any work."""
   import jax
   import numpy as np
-  from jax.experimental import multihost_utils
+
+  from experiments.lenet_fmnist.distributed import allgather_rows
 
   if jax.process_count() == 1:
     return
@@ -131,7 +133,7 @@ def agree_across_processes(settings: dict) -> None:
   blob = json.dumps(settings, sort_keys=True).encode()
   if len(blob) > size:
     raise RunError(f"the run's settings take {len(blob)} bytes, more than the {size} processes compare")
-  rows = multihost_utils.process_allgather(np.frombuffer(blob.ljust(size), np.uint8))
+  rows = allgather_rows(np.frombuffer(blob.ljust(size), np.uint8))
   ours = json.loads(bytes(rows[0]).decode())
   for p, row in enumerate(rows[1:], start=1):
     theirs = json.loads(bytes(row).decode())
@@ -139,9 +141,11 @@ def agree_across_processes(settings: dict) -> None:
       f"{k} {theirs.get(k)} (process 0: {ours.get(k)})" for k in sorted(ours | theirs) if ours.get(k) != theirs.get(k)
     ]
     if differ:
+      devices = " (pass every process --devices N, N at most the fewest local devices any has)"
       raise RunError(
         f"process {p} of {len(rows)} runs with {', '.join(differ)}; every process must be started with the same "
-        "settings and data, or the replicas would train different models. Nothing was trained."
+        "settings and data, or the replicas would train different models"
+        f"{devices if 'devices' in theirs and theirs['devices'] != ours['devices'] else ''}. Nothing was trained."
       )
 
 
@@ -182,11 +186,25 @@ def run_variant(
   else:
     apply = train.linen_apply(model)
   precise, ema = precise_batches(norm, args), ema_decay(norm, args)
-  config = run_config(args, bn=norm, precise_bn=precise, ema=ema, data=fingerprint)
+  ran = report.label(norm, precise, ema)  # --precise-bn and --ema apply to plain variants too: say so
+  # Each BN layer normalizes over the examples of its group: the global batch, or its share on a mesh of groups.
+  group_examples = args.batch_size if mesh is None else args.batch_size // mesh.shape[sync.GROUP]
+  config = run_config(args, bn=norm, precise_bn=precise, ema=ema, data=fingerprint, bn_group_examples=group_examples)
   # Both APIs start from the linen model's initial variables (same names), so they give the same numbers.
   init = functools.partial(models.init_lenet, model.clone(axis_name=None))
-  variables, shuffle_key = train.init_run(init, args.seeds if replicated else args.seed)
-  state = train.create_train_state(apply, variables, args.lr, ema_decay=ema, replicated=replicated)
+  seed = args.seeds if replicated else args.seed
+
+  def new_state(variables):
+    return train.create_train_state(apply, variables, args.lr, ema_decay=ema, replicated=replicated)
+
+  def compile_ahead(state):  # one device: the epoch's and the evaluation's programs compile side by side
+    if mesh is None:
+      train.compile_ahead(state, train_data, test_data, args.batch_size, loop=args.loop, replicated=replicated)
+
+  if not args.resume:  # (from the state's shapes alone, beside the initialization's own compilation)
+    compile_ahead(jax.eval_shape(lambda: new_state(train.init_run(init, seed)[0])))
+  variables, shuffle_key = train.init_run(init, seed)
+  state = new_state(variables)
   history: list[dict] = []
   start_epoch = 0
   progress.current = norm
@@ -208,7 +226,9 @@ def run_variant(
       )
     # --bn all interrupted in a later variant: this one is done, its lines come from the checkpoint.
     print(f"[{norm}] already trained to epoch {start_epoch} (--epochs {args.epochs}): nothing to do")
-    return report.closing_lines(norm, history, state.params), history
+    return report.closing_lines(norm, history, state.params, ran), history
+  if args.resume:  # (now that there is an epoch left to train)
+    compile_ahead(state)
   state = train.place(state, mesh)
   host_state = sync.to_host if mesh is not None else (lambda s: s)
   precise_model = model.clone(axis_name=None)  # precise BN runs on one device, identically on every process
@@ -284,7 +304,7 @@ def run_variant(
     # Metrics first, then the checkpoint (which carries the history too): an interruption between the
     # two leaves a checkpoint one epoch behind metrics.json, and resume trims the history to it.
     if main_process:
-      record = {"bn": norm, "args": vars(args), "device": report.device_name(), "epochs": history}
+      record = {"bn": norm, "label": ran, "args": vars(args), "device": report.device_name(), "epochs": history}
       atomic_write_text(metrics_path, json.dumps(record, indent=1))
       for i, seed in enumerate(args.seeds if replicated else []):  # each seed's history as its own run's
         seed_record = {**record, "seed": seed, "epochs": report.seed_history(history, i)}
@@ -297,8 +317,8 @@ def run_variant(
       beat()
 
   if main_process:
-    report.plot_curves({norm: history}, out / "curves")
-  summary = report.closing_lines(norm, history, host_state(state).params)
+    report.plot_curves({norm: history}, out / "curves", {norm: ran})
+  summary = report.closing_lines(norm, history, host_state(state).params, ran)
   if main_process:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
   return summary, history
@@ -392,6 +412,8 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
   # or died leaves the others a clear line within --timeout, not a hang.
   with make_watchdog(args) as watchdog:
     dataset, fingerprint, data = prepare_data(args, out, norms, mesh)
+    if args.resume and len(norms) > 1:  # (every process reads the same checkpoints: all stop with one line)
+      check_same_epoch(out, norms, args.epochs)
     summaries, histories = [], {}
     for norm in norms:
       summary, histories[norm] = run_variant(
@@ -399,14 +421,15 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
       )
       summaries.append(summary)
     if len(summaries) > 1:
+      labels = {s["bn"]: s["label"] for s in summaries}
       table = report.comparison_table(summaries)
       print(table)
       if not args.process_id:
         atomic_write_text(out / "comparison.md", table + "\n")
-        report.plot_curves(histories, out / "comparison")
-        report.plot_test_accuracy(histories, out / "comparison_test_acc")
+        report.plot_curves(histories, out / "comparison", labels)
+        report.plot_test_accuracy(histories, out / "comparison_test_acc", labels)
     if len(args.seeds) > 1 and not args.process_id and all(histories.values()):
-      atomic_write_text(out / "seeds.md", report.seed_table(histories) + "\n")
+      atomic_write_text(out / "seeds.md", report.seed_table(histories, {s["bn"]: s["label"] for s in summaries}) + "\n")
     barrier("done")
   print(f"wrote {out.resolve()}")
   return summaries
@@ -415,6 +438,8 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
 def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
   """``(dataset, fingerprint, (train, test))``: the host arrays, their fingerprint, and where the loop reads
   them; every process agrees on the settings and data first."""
+  import jax
+
   from experiments.lenet_fmnist import report, train
 
   dataset = load_data(args)
@@ -429,11 +454,18 @@ def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
     )
   if any(precise_batches(norm, args) for norm in norms):
     check_one_full_batch(len(dataset.train_labels), args.batch_size)  # before any epoch trains, not after one
+  if args.batch_size > len(dataset.train_labels):  # (its padding would be allocated: 10^8 runs out of memory)
+    raise RunError(
+      f"--batch-size is {args.batch_size}, but the training set has {len(dataset.train_labels)} examples; use at "
+      f"most {len(dataset.train_labels)} (one batch is then the whole set)."
+    )
   fingerprint = data_fingerprint(*dataset[:4])
   # Everything that shapes the trajectory, for the processes to agree on (not where each one runs from).
   local = ("process_id", "coordinator", "no_progress", "compile_cache", "no_compile_cache", "data_dir", "timeout")
   settings = {**{k: v for k, v in vars(args).items() if k not in local}, "data": fingerprint}
   del settings["seeds"]  # several processes train one seed (arguments.py refuses more): "seed" says it
+  if mesh is not None:  # the devices each process trains on (--devices, default all: may differ per machine)
+    settings["devices"] = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   if args.resume:  # every process must resume from the same checkpoint (--out must be shared)
     settings["checkpoints"] = {norm: checkpoint_digest(out / norm / CHECKPOINT) for norm in norms}
   agree_across_processes(settings)
@@ -489,11 +521,49 @@ def make_watchdog(args: argparse.Namespace):
   )
 
 
+class Terminated(BaseException):
+  """SIGTERM, raised where the run is (as Ctrl-C raises KeyboardInterrupt): not caught as an ``Exception``."""
+
+
+@contextlib.contextmanager
+def terminated_as_exception():
+  """SIGTERM (``kill``, a scheduler's stop) raises :class:`Terminated` while the run lasts, so that it ends
+  as Ctrl-C does: files closed, temporary files removed, one line saying what ``--resume`` continues from."""
+  import signal
+  import threading
+
+  if threading.current_thread() is not threading.main_thread():  # (only the main thread handles signals)
+    yield
+    return
+
+  def stop(signum, frame):
+    raise Terminated
+
+  before = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
+def stopped(args: argparse.Namespace, progress: Progress, how: str, code: int) -> SystemExit:
+  """The line after an interruption: what is saved, and how to continue."""
+  saved = [f"[{n}] epoch {e} in {Path(args.out) / n / CHECKPOINT}" for n, e in progress.saved.items()]
+  where = f" during [{progress.current}]" if progress.current else ""
+  print(
+    f"\nerror: {how}{where}. Saved: {'; '.join(saved) or 'nothing yet'}. "
+    f"Continue with the same command plus --resume (--out {args.out}).",
+    file=sys.stderr,
+  )
+  return SystemExit(code)
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   progress = Progress()
   try:
-    return run(args, progress)
+    with terminated_as_exception():
+      return run(args, progress)
   except RunError as e:
     raise SystemExit(f"error: {e}") from None
   except RuntimeError as e:
@@ -514,11 +584,6 @@ def main(argv=None) -> list[dict]:
     where = f" ({e.filename})" if e.filename else ""
     raise SystemExit(f"error: cannot write the run's files{where}: {e.strerror or e}") from None
   except KeyboardInterrupt:
-    saved = [f"[{n}] epoch {e} in {Path(args.out) / n / CHECKPOINT}" for n, e in progress.saved.items()]
-    where = f" during [{progress.current}]" if progress.current else ""
-    print(
-      f"\nerror: interrupted{where}. Saved: {'; '.join(saved) or 'nothing yet'}. "
-      f"Continue with the same command plus --resume (--out {args.out}).",
-      file=sys.stderr,
-    )
-    raise SystemExit(130) from None
+    raise stopped(args, progress, "interrupted", 130) from None
+  except Terminated:
+    raise stopped(args, progress, "terminated (SIGTERM)", 143) from None

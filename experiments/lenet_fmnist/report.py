@@ -17,15 +17,16 @@ CHAPTER = {  # what the chapter printed (PyTorch, one GPU)
   "ours": {"loss": 0.273, "train_acc": 0.899, "test_acc": 0.807, "examples_per_sec": 32293.9},
   "flax": {"loss": 0.267, "train_acc": 0.902, "test_acc": 0.708, "examples_per_sec": 50597.3},
 }
-LABELS = {
-  "ours": "bnjax.BatchNorm",
-  "flax": "flax.linen.BatchNorm",
-  "none": "no BatchNorm",
-  "ours-precise": "bnjax.BatchNorm + precise BN",
-  "ours-ema": "bnjax.BatchNorm + precise BN + EMA weights",
-}
+MODELS = {"ours": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm", "none": "no BatchNorm"}
 CURVES = (("train_loss", "-", "train loss"), ("train_acc", "m--", "train acc"), ("test_acc", "g-.", "test acc"))
 PER_SEED = ("train_loss", "train_acc", "test_loss", "test_acc")  # lists over the seeds in a multi-seed row
+
+
+def label(norm: str, precise_bn: int = 0, ema: float = 0.0) -> str:
+  """What a variant ran, in words: its model's normalization, then "+ precise BN" when its statistics were
+  recomputed before evaluation, "+ EMA weights" when it was evaluated with averaged weights. Every table,
+  title and legend names a run by it, so two rows that ran the same thing read the same."""
+  return MODELS[norm.split("-")[0]] + (" + precise BN" if precise_bn else "") + (" + EMA weights" if ema else "")
 
 
 def num_seeds(history: list[dict]) -> int:
@@ -85,9 +86,10 @@ def save_figure(fig, stem: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
-  """The chapter's figure (train loss, train acc, test acc vs epoch), one panel per variant; for several
-  seeds, the mean curves with a band of +- one standard deviation and the lowest test accuracy dotted."""
+def plot_curves(histories: dict[str, list[dict]], stem: Path, labels: dict[str, str]) -> None:
+  """The chapter's figure (train loss, train acc, test acc vs epoch), one panel per variant (titled by
+  ``labels[variant]``, see :func:`label`); for several seeds, the mean curves with a band of +- one standard
+  deviation and the lowest test accuracy dotted."""
   import matplotlib  # imported here: a run that never plots (another process, an early error) skips it
 
   matplotlib.use("Agg")
@@ -106,14 +108,14 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path) -> None:
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if seeds > 1:
       ax.plot(epochs, [d["test_acc"]["min"] for d in dist], "g:", label="test acc (lowest seed)")
-    title = LABELS[name] + (f"\n{seeds} seeds, band: ± 1 std" if seeds > 1 else "")
+    title = labels[name] + (f"\n{seeds} seeds, band: ± 1 std" if seeds > 1 else "")
     ax.set(title=title, xlabel="epoch", xlim=(1, max(epochs[-1], 2)))
     ax.grid(True, alpha=0.3)
     ax.legend()
   save_figure(fig, stem)
 
 
-def plot_test_accuracy(histories: dict[str, list[dict]], stem: Path) -> None:
+def plot_test_accuracy(histories: dict[str, list[dict]], stem: Path, labels: dict[str, str]) -> None:
   """Test accuracy per epoch of every variant on one axes (mean, ± 1 std band and lowest seed for several
   seeds), with the chapter's printed epoch-10 test accuracies marked."""
   import matplotlib
@@ -126,7 +128,7 @@ def plot_test_accuracy(histories: dict[str, list[dict]], stem: Path) -> None:
     epochs = [h["epoch"] for h in history]
     dist = distribution(history)
     mean = np.array([d["test_acc"]["mean"] for d in dist])
-    (line,) = ax.plot(epochs, mean, "-o", markersize=3, label=LABELS[name])
+    (line,) = ax.plot(epochs, mean, "-o", markersize=3, label=labels[name])
     if num_seeds(history) > 1:
       std = np.array([d["test_acc"]["std"] for d in dist])
       ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -157,13 +159,13 @@ def comparison_table(summaries: list[dict]) -> str:
     chapter = f"{ch['train_acc']:.3f} / {ch['test_acc']:.3f}, {ch['examples_per_sec']:,.0f}" if ch else "-"
     last = s.get("per_seed", s)
     lines.append(
-      f"| {LABELS[s['bn']]} | {_shown(last['train_loss'])} | {_shown(last['train_acc'])} | "
+      f"| {s['label']} | {_shown(last['train_loss'])} | {_shown(last['train_acc'])} | "
       f"{_shown(last['test_acc'], with_min=True)} | {s['examples_per_sec']:,.0f} | {chapter} |"
     )
   return "\n".join(lines)
 
 
-def seed_table(histories: dict[str, list[dict]], steady_from: int = 5) -> str:
+def seed_table(histories: dict[str, list[dict]], labels: dict[str, str], steady_from: int = 5) -> str:
   """Markdown: each seed's test accuracy at the last epoch, and its lowest test accuracy from epoch
   ``steady_from`` on (how far the swing reaches once training has settled), per variant."""
   seeds = next(iter(histories.values()))[-1]["seeds"]
@@ -184,14 +186,14 @@ def seed_table(histories: dict[str, list[dict]], steady_from: int = 5) -> str:
       values = pick(history)
       d = spread(values)
       cells = " | ".join(f"{v:.3f}" for v in values)
-      lines.append(f"| {LABELS[name]} | {cells} | {d['mean']:.3f} ± {d['std']:.3f} | {d['min']:.3f} |")
+      lines.append(f"| {labels[name]} | {cells} | {d['mean']:.3f} ± {d['std']:.3f} | {d['min']:.3f} |")
     tables.append("\n".join(lines))
   return "\n\n".join(tables)
 
 
-def closing_lines(norm: str, history: list[dict], params: dict) -> dict:
+def closing_lines(norm: str, history: list[dict], params: dict, label: str) -> dict:
   """Prints the chapter's closing lines (loss and accuracies, steady-state examples/sec, bn1's gamma and beta)
-  and returns them as the run's summary."""
+  and returns them as the run's summary (with ``label``, what the run ran: see :func:`label`)."""
   last = history[-1]
   seeds = last.get("seeds")
   # Steady-state throughput: the first epoch also pays for compilation, so it is reported apart.
@@ -206,7 +208,7 @@ def closing_lines(norm: str, history: list[dict], params: dict) -> dict:
   print(f"{ex_per_sec:.1f} examples/sec on {device_name()}" + (f" (all {len(seeds)} seeds together)" if seeds else ""))
   if history[0]["epoch"] == 1 and len(history) > 1:
     print(f"(epoch 1, including compilation: {history[0]['train_seconds']:.1f} s)")
-  summary = {"bn": norm, "examples_per_sec": ex_per_sec}
+  summary = {"bn": norm, "label": label, "examples_per_sec": ex_per_sec}
   if seeds:  # the means at the top level, as a single seed's numbers are; every seed's and the spread apart
     summary.update({k: spread(last[k])["mean"] for k in ("train_loss", "train_acc", "test_acc")})
     summary.update(seeds=seeds, per_seed={k: last[k] for k in PER_SEED}, distribution=distribution(history))

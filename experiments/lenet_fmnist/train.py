@@ -23,6 +23,7 @@ over one or several processes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -125,6 +126,13 @@ _init_run = jax.jit(_init_one, static_argnums=0)
 _init_runs = jax.jit(jax.vmap(_init_one, in_axes=(None, 0)), static_argnums=0)
 
 
+@functools.lru_cache
+def sgd(learning_rate: float) -> optax.GradientTransformation:
+  """The chapter's optimizer, one object per rate: states made by separate calls share their static fields,
+  so they run (and :func:`compile_ahead` compiles) the same programs."""
+  return optax.sgd(learning_rate)
+
+
 def create_train_state(
   apply_fn: Apply, variables: dict, learning_rate: float, *, ema_decay: float = 0.0, replicated: bool = False
 ) -> TrainState:
@@ -138,7 +146,7 @@ def create_train_state(
       apply_fn=apply_fn,
       params=variables["params"],
       batch_stats=variables.get("batch_stats", {}),
-      tx=optax.sgd(learning_rate),
+      tx=sgd(learning_rate),
       # A copy: the training step donates its state's buffers, and one buffer must not be donated twice.
       ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema_decay else None,
       ema_decay=ema_decay,
@@ -340,6 +348,24 @@ def _epoch_start(key, epoch, *, num, replicated):
   return over_replicas(start, replicated, 0)(key)
 
 
+def epoch_calls(
+  num: int, batch_size: int, loop: str = "auto", scan_chunk: int = 47
+) -> list[tuple[int, int, int | None]]:
+  """``(num_steps, start, valid)`` of each ``_train_steps`` call of an epoch over ``num`` examples: full batches
+  in scan chunks (or one per call with ``loop="step"``), then the remainder batch (``valid`` real examples)."""
+  if batch_size < 1:
+    raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
+  if loop not in LOOPS:
+    raise ValueError(f"`loop` is {loop!r}, but should be one of {LOOPS}.")
+  plan = epoch_plan(num, batch_size)
+  num_full = sum(size == batch_size for _, size in plan)  # the plan's full batches come first
+  calls, done = [], 0
+  for n in [1] * num_full if loop == "step" else scan_chunks(num_full, scan_chunk):
+    calls.append((n, done * batch_size, None))
+    done += n
+  return calls + [(1, start, size) for start, size in plan[num_full:]]
+
+
 def train_epoch(
   state: TrainState,
   data: Data,
@@ -361,43 +387,96 @@ def train_epoch(
   ``on_progress(n)`` is called with the number of batches just finished; the loop waits for the
   device every ``sync_every`` steps (or every scan chunk) so that progress is real, not dispatched.
   """
-  if batch_size < 1:
-    raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
-  if loop not in LOOPS:
-    raise ValueError(f"`loop` is {loop!r}, but should be one of {LOOPS}.")
+  calls = epoch_calls(data.labels.shape[0], batch_size, loop, scan_chunk)
   check_replicas(mesh, replicated)
   if mesh is not None:
     sync.check_divisible(mesh, batch_size)
   num = data.labels.shape[0]
-  plan = epoch_plan(num, batch_size)
-  num_full = sum(size == batch_size for _, size in plan)  # the plan's full batches come first
-  chunks = [1] * num_full if loop == "step" else scan_chunks(num_full, scan_chunk)
-  chunks += [1] * (len(plan) - num_full)
   perm, metrics = _epoch_start(key, epoch, num=num, replicated=replicated)
   if mesh is not None:
     perm, metrics = place(jax.device_get((perm, metrics)), mesh)
   done = pending = 0  # batches dispatched, and dispatched since progress was last reported
-  for n in chunks:
-    start, size = plan[done]
-    valid = None if size == batch_size else place(np.int32(size), mesh)
+  for i, (n, start, valid) in enumerate(calls):
     state, metrics = _train_steps(
       state,
       metrics,
       *data,
       perm,
       place(np.int32(start), mesh),
-      valid,
+      None if valid is None else place(np.int32(valid), mesh),
       batch_size=batch_size,
       num_steps=n,
       mesh=mesh,
       replicated=replicated,
     )
     done, pending = done + n, pending + n
-    if on_progress is not None and (n > 1 or pending >= sync_every or done == len(plan)):
+    if on_progress is not None and (n > 1 or pending >= sync_every or i == len(calls) - 1):
       jax.block_until_ready(metrics)
       on_progress(pending)
       pending = 0
   return state, metrics
+
+
+def compile_ahead(
+  state: TrainState,
+  train_data: Data,
+  test_data: Data | None,
+  batch_size: int,
+  *,
+  loop: str = "auto",
+  scan_chunk: int = 47,
+  replicated: bool = False,
+  eval_batch_size: int = 1000,
+) -> list[concurrent.futures.Future]:
+  """Starts compiling every program an epoch and its evaluation run, each in a thread of its own, and
+  returns their futures; later calls of :func:`train_epoch` and :func:`evaluate` with these shapes find
+  them compiled. XLA compiles without holding Python's lock, so the programs compile side by side and
+  beside whatever the caller does meanwhile (initialization, loading, training the first chunks).
+
+  ``state`` may be abstract (``jax.eval_shape`` of the state-making function): nothing is computed. One
+  device only (a mesh's programs compile on first use).
+  """
+
+  def spec(a):
+    return jax.ShapeDtypeStruct(np.shape(a), a.dtype, weak_type=getattr(a, "weak_type", False))
+
+  state, train_data = jax.tree.map(spec, state), jax.tree.map(spec, train_data)
+  num = train_data.labels.shape[0]
+  replicas = jax.tree.leaves(state)[0].shape[:1] if replicated else ()
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(replicas + key.shape, key.dtype)
+  epoch = jax.ShapeDtypeStruct((), jnp.int32, weak_type=True)  # a Python int, as train_epoch passes it
+  perm, metrics = jax.eval_shape(functools.partial(_epoch_start, num=num, replicated=replicated), key, epoch)
+  perm, metrics = jax.tree.map(spec, (perm, metrics))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  lowerings = [functools.partial(_epoch_start.lower, key, epoch, num=num, replicated=replicated)]
+  shapes = {(n, valid is None) for n, _, valid in epoch_calls(num, batch_size, loop, scan_chunk)}
+  for n, full in sorted(shapes):
+    lowerings.append(
+      functools.partial(
+        _train_steps.lower,
+        state,
+        metrics,
+        *train_data,
+        perm,
+        scalar,
+        None if full else scalar,
+        batch_size=batch_size,
+        num_steps=n,
+        mesh=None,
+        replicated=replicated,
+      )
+    )
+  if test_data is not None:
+    test_data = jax.tree.map(spec, test_data)
+    size = min(eval_batch_size, max(test_data.labels.shape[0], 1))
+    lowerings.append(
+      functools.partial(_evaluate.lower, state, *test_data, batch_size=size, mesh=None, replicated=replicated)
+    )
+  pool = concurrent.futures.ThreadPoolExecutor(len(lowerings), thread_name_prefix="compile-ahead")
+  futures = [pool.submit(lambda lower: lower().compile(), lower) for lower in lowerings]
+  pool.shutdown(wait=False)
+  return futures
 
 
 def eval_batch(images: jax.Array, labels: jax.Array, i, batch_size: int):
