@@ -67,10 +67,19 @@ def try_import_torch():
 
 
 def machine() -> str:
+  """The device, the host's CPU model, cores and memory, and the versions that the figures depend on."""
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
+  try:
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores; jax {jax.__version__}"
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+  torch = try_import_torch()
+  versions = f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch is not None else "")
+  return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores, {memory:.0f} GiB; {versions}"
 
 
 def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str, api: str = "linen"):
@@ -281,34 +290,53 @@ def _timed_child(cmd: list[str]) -> tuple[float, float, int]:
   return wall, usage.ru_maxrss / 1024, child.returncode
 
 
-def end_to_end(args) -> dict:
-  """The main job against the chapter's PyTorch code, as whole processes, alternating."""
+def _e2e_commands(args, tmp: Path) -> dict:
+  """``name -> command(run_index, epochs, extra)`` for the whole-process runs (``--no-progress``: no bar)."""
   import sys
-  import tempfile
 
-  common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+  common = ["--batch-size", str(args.batch_size)]
   if args.data_dir:
     common += ["--data-dir", args.data_dir]
   if args.allow_partial_data:
     common += ["--allow-partial-data"]
-  tmp = Path(tempfile.mkdtemp(prefix="bnjax-e2e-"))
-  commands = {
-    "bnjax": lambda i: [sys.executable, "-m", "experiments.lenet_fmnist", "--no-progress", "--out", str(tmp / f"r{i}")],
-    "torch": lambda i: [sys.executable, "-m", "experiments.torch_lenet"],
-  }
-  print(f"machine: {machine()}")
-  print(
-    f"end to end, {args.epochs} epochs, batch {args.batch_size}: 1 warm-up pair, then {args.pairs} pairs, alternating"
-  )
-  runs = {name: [] for name in commands}
-  for i in range(args.pairs + 1):
-    order = list(commands) if i % 2 == 0 else list(reversed(commands))  # neither always goes first
+
+  def bnjax(i, epochs, extra=()):
+    out = ["--out", str(tmp / f"r{i}-{epochs}"), "--overwrite"]
+    return [
+      sys.executable,
+      "-m",
+      "experiments.lenet_fmnist",
+      "--no-progress",
+      *out,
+      "--epochs",
+      str(epochs),
+      *common,
+      *extra,
+    ]
+
+  def torch(i, epochs, extra=()):
+    return [sys.executable, "-m", "experiments.torch_lenet", "--epochs", str(epochs), *common, *extra]
+
+  return {"bnjax": bnjax, "torch": torch}
+
+
+def _alternating(runs: dict, pairs: int, label: str) -> dict[str, list[dict]]:
+  """Runs ``runs`` (name -> command(i)) as whole processes, ``pairs`` rounds after one warm-up round, the
+  order reversed every other round so that neither always goes first; ``name -> [{seconds, peak_mb}]``."""
+  out = {name: [] for name in runs}
+  for i in range(pairs + 1):
+    order = list(runs) if i % 2 == 0 else list(reversed(runs))
     for name in order:
-      wall, rss, _ = _timed_child(commands[name](i) + common)
-      label = "warm-up" if i == 0 else f"pair {i}"
-      print(f"  {label:8s} {name:6s} {wall:7.1f} s  {rss:7.0f} MB", flush=True)
+      wall, rss, _ = _timed_child(runs[name](i))
+      print(f"  {label} {'warm-up' if i == 0 else f'round {i}':8s} {name:24s} {wall:7.1f} s  {rss:7.0f} MB", flush=True)
       if i > 0:
-        runs[name].append({"seconds": wall, "peak_mb": rss})
+        out[name].append({"seconds": wall, "peak_mb": rss})
+  return out
+
+
+def main_job(args, commands) -> dict:
+  """The main job (``--epochs`` epochs) against the chapter's PyTorch code: wall time and peak memory."""
+  runs = _alternating({n: (lambda i, c=c: c(i, args.epochs)) for n, c in commands.items()}, args.pairs, "main job")
   med = {n: statistics.median(r["seconds"] for r in rs) for n, rs in runs.items()}
   mem = {n: statistics.median(r["peak_mb"] for r in rs) for n, rs in runs.items()}
   ratios = [t["seconds"] / b["seconds"] for b, t in zip(runs["bnjax"], runs["torch"], strict=True)]
@@ -318,12 +346,9 @@ def end_to_end(args) -> dict:
   print(
     f"speed ratio torch/bnjax: {med['torch'] / med['bnjax']:.2f}x (median of medians); per pair: "
     f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x); "
-    f"memory bnjax/torch: {mem['bnjax'] / mem['torch']:.2f}x"
+    f"memory bnjax/torch: {mem['bnjax'] / mem['torch']:.2f}x\n"
   )
   return {
-    "machine": machine(),
-    "epochs": args.epochs,
-    "batch_size": args.batch_size,
     "runs": runs,
     "median_seconds": med,
     "median_peak_mb": mem,
@@ -332,7 +357,56 @@ def end_to_end(args) -> dict:
   }
 
 
-def main(argv=None) -> dict:
+def fixed_costs(args, commands, tmp: Path) -> dict:
+  """What every run pays besides its epochs: ``2 * wall(1 epoch) - wall(2 epochs)`` of whole processes.
+
+  An epoch (training and its evaluation) costs ``wall(2) - wall(1)``; the rest of a 1-epoch process is
+  the fixed cost: start-up, imports, data loading, compilation (or loading compiled programs), the first
+  epoch's extra (tracing, warm-up) and the final files. "cold" compiles into an empty compilation cache,
+  as a user's first run does; "warm" finds the programs cached, as every later run does.
+  """
+  runs = {}
+  for epochs in (1, 2):
+    runs[f"bnjax warm, {epochs} epoch(s)"] = lambda i, e=epochs: commands["bnjax"](i, e)
+    runs[f"bnjax cold, {epochs} epoch(s)"] = lambda i, e=epochs: commands["bnjax"](
+      i, e, ["--compile-cache", str(tmp / f"cache-{i}-{e}")]
+    )
+    runs[f"torch, {epochs} epoch(s)"] = lambda i, e=epochs: commands["torch"](i, e)
+  walls = _alternating(runs, args.pairs, "fixed cost")
+  result = {}
+  for name in ("bnjax cold", "bnjax warm", "torch"):
+    one, two = ([r["seconds"] for r in walls[f"{name}, {e} epoch(s)"]] for e in (1, 2))
+    fixed = [2 * a - b for a, b in zip(one, two, strict=True)]
+    epoch = [b - a for a, b in zip(one, two, strict=True)]
+    result[name] = {
+      "fixed_seconds": statistics.median(fixed),
+      "epoch_seconds": statistics.median(epoch),
+      "per_round_fixed_seconds": fixed,
+      "one_epoch_seconds": one,
+      "two_epoch_seconds": two,
+    }
+  print(f"{'fixed cost (2 x 1-epoch wall - 2-epoch wall)':52s} {'fixed s':>8s} {'epoch s':>8s}")
+  for name, r in result.items():
+    print(f"{name:52s} {r['fixed_seconds']:8.1f} {r['epoch_seconds']:8.1f}")
+  return result
+
+
+def end_to_end(args) -> dict:
+  """The main job against the chapter's PyTorch code, and the fixed cost of each, as whole processes."""
+  import tempfile
+
+  tmp = Path(tempfile.mkdtemp(prefix="bnjax-e2e-"))
+  commands = _e2e_commands(args, tmp)
+  print(f"machine: {machine()}")
+  print(f"end to end, batch {args.batch_size}: 1 warm-up round, then {args.pairs} rounds, alternating\n")
+  result = {"machine": machine(), "epochs": args.epochs, "batch_size": args.batch_size}
+  result["main_job"] = main_job(args, commands)
+  if not args.no_fixed_cost:
+    result["fixed_cost"] = fixed_costs(args, commands, tmp)
+  return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
   p.add_argument("--steps", type=int, default=None, help="train steps per timed repeat (default 60; quick 3)")
@@ -344,34 +418,28 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   e2e = p.add_argument_group("end to end")
   e2e.add_argument("--end-to-end", action="store_true", help="time the main job vs the chapter's PyTorch code")
-  e2e.add_argument("--pairs", type=int, default=3, help="timed pairs after the warm-up pair (default 3)")
+  e2e.add_argument("--pairs", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
+  e2e.add_argument("--no-fixed-cost", action="store_true", help="only the main job, not the 1- and 2-epoch runs")
   e2e.add_argument("--epochs", type=int, default=10)
   e2e.add_argument("--data-dir", default=None)
   e2e.add_argument("--allow-partial-data", action="store_true")
   args = p.parse_args(argv)
-  if args.end_to_end:
-    if args.pairs < 1 or args.epochs < 1:
-      p.error(f"--pairs ({args.pairs}) and --epochs ({args.epochs}) should be at least 1")
-    result = end_to_end(args)
-    if args.out:
-      Path(args.out).write_text(json.dumps(result, indent=1))
-      print(f"wrote {args.out}")
-    return result
-  steps = args.steps or (3 if args.quick else 60)
-  repeats = args.repeats or (1 if args.quick else 5)
-  torch = None if args.no_torch else try_import_torch()
+  if args.end_to_end and (args.pairs < 1 or args.epochs < 1):
+    p.error(f"--pairs ({args.pairs}) and --epochs ({args.epochs}) should be at least 1")
+  args.steps = args.steps or (3 if args.quick else 60)
+  args.repeats = args.repeats or (1 if args.quick else 5)
+  return args
 
-  print(f"machine: {machine()}")
-  if torch is not None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-  elif not args.no_torch:
-    print("note: torch is not installed, so the PyTorch rows are skipped (pip install torch==2.13.0)")
-  n = steps * args.batch_size
+
+def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
+  """The model section: every row trains the same random data, round-robin repeats; ``(rows, images)``."""
+  n = args.steps * args.batch_size
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 1, (n, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, n).astype(np.int32)
-  print(f"\nLeNet train loop: batch {args.batch_size}, {steps} steps per repeat, median of {repeats}, float32")
-
+  print(
+    f"\nLeNet train loop: batch {args.batch_size}, {args.steps} steps per repeat, median of {args.repeats}, float32"
+  )
   bs = args.batch_size
   setups = [
     ("bnjax LeNet + bnjax.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop)),
@@ -386,7 +454,7 @@ def main(argv=None) -> dict:
   runners = [(name, *setup()) for name, setup in setups]
   times = {name: [] for name, _, _ in runners}
   # Round-robin repeats: a slow spell of a shared machine hits every row alike, not one row.
-  for _ in range(repeats):
+  for _ in range(args.repeats):
     for name, run, _ in runners:
       t0 = time.perf_counter()
       run()
@@ -404,19 +472,26 @@ def main(argv=None) -> dict:
       }
     )
   ref = next((r for r in rows if "nn.BatchNorm2d" in r["name"]), None)
+  for r in rows:
+    r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
+  return rows, images
+
+
+def print_training_rows(rows: list[dict]) -> None:
   print(f"{'':45s} {'examples/sec':>13s} {'vs torch nn.BN':>15s} {'first call (s)':>15s}")
   for r in rows:
-    ratio = f"{r['examples_per_sec'] / ref['examples_per_sec']:.2f}x" if ref else "-"
-    r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
+    ratio = f"{r['ratio_to_torch_nn_bn']:.2f}x" if r["ratio_to_torch_nn_bn"] else "-"
     print(f"{r['name']:45s} {r['examples_per_sec']:13,.0f} {ratio:>15s} {r['first_call_seconds']:15.2f}")
   ours_flax = rows[0]["examples_per_sec"] / rows[1]["examples_per_sec"]
   print(f"bnjax.BatchNorm / flax.linen.BatchNorm throughput: {ours_flax:.3f}")
   nnx_linen = rows[2]["examples_per_sec"] / rows[0]["examples_per_sec"]
   print(f"NNX / linen throughput (both with bnjax's BatchNorm): {nnx_linen:.3f}")
 
-  inference = bench_inference(images, args.batch_size, repeats)
+
+def print_inference(inference: dict) -> None:
   print(
-    f"\nInference: eval-mode logits for {inference['examples']:,} images, batch {args.batch_size}, one jitted program"
+    f"\nInference: eval-mode logits for {inference['examples']:,} images, batch {inference['batch_size']}, "
+    "one jitted program"
   )
   print(f"{'':45s} {'examples/sec':>13s} {'first call (s)':>15s}")
   for r in inference["rows"]:
@@ -426,30 +501,47 @@ def main(argv=None) -> dict:
     f"largest logit difference {inference['max_abs_logit_diff']:.1e})"
   )
 
-  op_rows = []
-  if not args.no_ops:
-    shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
-    print("\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32)")
-    op_rows = [
-      row
-      for shape in shapes
-      for row in bench_op_shape(torch, shape, repeats=3 if args.quick else 7, inner=2 if args.quick else 20)
-    ]
-    print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'MB moved':>9s} {'GB/s':>7s}")
-    for r in op_rows:
-      print(
-        f"{'x'.join(map(str, r['shape'])):22s} {r['impl']:28s} {r['us']:10.1f} {r['bytes'] / 1e6:9.2f} "
-        f"{r['gb_per_s']:7.2f}"
-      )
-  result = {
-    "machine": machine(),
-    "steps": steps,
-    "repeats": repeats,
-    "batch_size": args.batch_size,
-    "model": rows,
-    "inference": inference,
-    "ops": op_rows,
-  }
+
+def op_rows(args, torch) -> list[dict]:
+  """The op section: forward + backward of one BN layer per shape and implementation, printed."""
+  shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
+  print("\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32)")
+  rows = [
+    row
+    for shape in shapes
+    for row in bench_op_shape(torch, shape, repeats=3 if args.quick else 7, inner=2 if args.quick else 20)
+  ]
+  print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'MB moved':>9s} {'GB/s':>7s}")
+  for r in rows:
+    shape = "x".join(map(str, r["shape"]))
+    print(f"{shape:22s} {r['impl']:28s} {r['us']:10.1f} {r['bytes'] / 1e6:9.2f} {r['gb_per_s']:7.2f}")
+  return rows
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args.end_to_end:
+    result = end_to_end(args)
+  else:
+    torch = None if args.no_torch else try_import_torch()
+    print(f"machine: {machine()}")
+    if torch is not None:
+      print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    elif not args.no_torch:
+      print("note: torch is not installed, so the PyTorch rows are skipped (pip install torch==2.13.0)")
+    rows, images = training_rows(args, torch)
+    print_training_rows(rows)
+    inference = bench_inference(images, args.batch_size, args.repeats)
+    print_inference(inference)
+    result = {
+      "machine": machine(),
+      "steps": args.steps,
+      "repeats": args.repeats,
+      "batch_size": args.batch_size,
+      "model": rows,
+      "inference": inference,
+      "ops": [] if args.no_ops else op_rows(args, torch),
+    }
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")

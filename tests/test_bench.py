@@ -51,3 +51,26 @@ def test_the_data_parallel_benchmark_reports_every_device_count(capsys):
   ]
   assert all(r["steps_per_sec"] > 0 and r["max_diff"] < 1e-3 for r in result["rows"])
   assert result["rows"][-1]["all_reduces"] >= 4 and "all-reduces" in capsys.readouterr().out
+
+
+def test_the_end_to_end_benchmark_times_whole_processes_and_derives_fixed_costs(monkeypatch, capsys, tmp_path):
+  """Fixed cost = 2 x wall(1 epoch) - wall(2 epochs), per round; the ratio is torch's wall over bnjax's."""
+  launched = []
+
+  def fake_child(cmd):  # walls: bnjax 3 s + 2 s per epoch (cold: 9 s + 2 s), torch 1 s + 4 s per epoch
+    launched.append(cmd)
+    epochs = int(cmd[cmd.index("--epochs") + 1])
+    if "experiments.torch_lenet" in cmd:
+      return 1.0 + 4.0 * epochs, 100.0, 0
+    return (9.0 if "--compile-cache" in cmd else 3.0) + 2.0 * epochs, 50.0, 0
+
+  monkeypatch.setattr(bench, "_timed_child", fake_child)
+  result = bench.main(["--end-to-end", "--pairs", "2", "--epochs", "10", "--out", str(tmp_path / "e2e.json")])
+  assert result["main_job"]["median_seconds"] == {"bnjax": 23.0, "torch": 41.0}
+  assert result["main_job"]["ratio_torch_over_bnjax"] == 41.0 / 23.0
+  fixed = {name: (r["fixed_seconds"], r["epoch_seconds"]) for name, r in result["fixed_cost"].items()}
+  assert fixed == {"bnjax cold": (9.0, 2.0), "bnjax warm": (3.0, 2.0), "torch": (1.0, 4.0)}
+  cold = [c for c in launched if "--compile-cache" in c]
+  assert len({c[c.index("--compile-cache") + 1] for c in cold}) == len(cold)  # an empty cache for every cold run
+  assert len(launched) == 3 * 2 + 3 * 6  # (1 warm-up + 2 rounds) x (2 main-job runs + 6 fixed-cost runs)
+  assert "fixed cost" in capsys.readouterr().out and (tmp_path / "e2e.json").exists()

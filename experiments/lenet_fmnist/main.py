@@ -25,6 +25,7 @@ Compiled programs are kept in JAX's persistent compilation cache (``--compile-ca
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -150,7 +151,16 @@ def agree_across_processes(settings: dict) -> None:
 
 
 def run_variant(
-  norm: str, dataset, fingerprint: str, data, args: argparse.Namespace, out: Path, progress: Progress, mesh, watchdog
+  norm: str,
+  dataset,
+  fingerprint: str,
+  data,
+  args: argparse.Namespace,
+  out: Path,
+  progress: Progress,
+  mesh,
+  watchdog,
+  figures,
 ):
   """Trains one variant; returns its summary (final metrics, throughput, gamma/beta) and per-epoch history.
 
@@ -202,7 +212,7 @@ def run_variant(
       train.compile_ahead(state, train_data, test_data, args.batch_size, loop=args.loop, replicated=replicated)
 
   if not args.resume:  # (from the state's shapes alone, beside the initialization's own compilation)
-    compile_ahead(jax.eval_shape(lambda: new_state(train.init_run(init, seed)[0])))
+    compile_ahead(jax.eval_shape(new_state, train.init_run_shapes(init, seed)[0]))
   variables, shuffle_key = train.init_run(init, seed)
   state = new_state(variables)
   history: list[dict] = []
@@ -317,7 +327,7 @@ def run_variant(
       beat()
 
   if main_process:
-    report.plot_curves({norm: history}, out / "curves", {norm: ran})
+    figures.draw(report.plot_curves, {norm: history}, out / "curves", {norm: ran})
   summary = report.closing_lines(norm, history, host_state(state).params, ran)
   if main_process:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -399,25 +409,30 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict]:
 
 def train_all(args: argparse.Namespace, progress: Progress, out: Path, norms: list[str]) -> list[dict]:
   """Joins the processes, loads the data and trains every variant (process 0 holds --out's lock)."""
-  with compile_cache(args):
-    return train_variants(args, progress, out, norms)
+  # The data are read and decompressed in a thread while JAX is imported and the processes join.
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-data") as loader:
+    dataset = loader.submit(load_data, args)
+    with compile_cache(args):
+      return train_variants(args, progress, out, norms, dataset)
 
 
-def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norms: list[str]) -> list[dict]:
+def train_variants(
+  args: argparse.Namespace, progress: Progress, out: Path, norms: list[str], dataset: concurrent.futures.Future
+) -> list[dict]:
   mesh = setup_devices(args)
   from experiments.lenet_fmnist import report
   from experiments.lenet_fmnist.distributed import barrier
 
   # From here on every wait for another process is bounded: one that failed (bad data, other settings)
   # or died leaves the others a clear line within --timeout, not a hang.
-  with make_watchdog(args) as watchdog:
-    dataset, fingerprint, data = prepare_data(args, out, norms, mesh)
+  with make_watchdog(args) as watchdog, report.Figures(draw=not args.process_id) as figures:
+    dataset, fingerprint, data = prepare_data(dataset.result(), args, out, norms, mesh)
     if args.resume and len(norms) > 1:  # (every process reads the same checkpoints: all stop with one line)
       check_same_epoch(out, norms, args.epochs)
     summaries, histories = [], {}
     for norm in norms:
       summary, histories[norm] = run_variant(
-        norm, dataset, fingerprint, data, args, out / norm, progress, mesh, watchdog
+        norm, dataset, fingerprint, data, args, out / norm, progress, mesh, watchdog, figures
       )
       summaries.append(summary)
     if len(summaries) > 1:
@@ -426,23 +441,23 @@ def train_variants(args: argparse.Namespace, progress: Progress, out: Path, norm
       print(table)
       if not args.process_id:
         atomic_write_text(out / "comparison.md", table + "\n")
-        report.plot_curves(histories, out / "comparison", labels)
-        report.plot_test_accuracy(histories, out / "comparison_test_acc", labels)
+        figures.draw(report.plot_curves, histories, out / "comparison", labels)
+        figures.draw(report.plot_test_accuracy, histories, out / "comparison_test_acc", labels)
     if len(args.seeds) > 1 and not args.process_id and all(histories.values()):
       atomic_write_text(out / "seeds.md", report.seed_table(histories, {s["bn"]: s["label"] for s in summaries}) + "\n")
+    figures.wait()
     barrier("done")
   print(f"wrote {out.resolve()}")
   return summaries
 
 
-def prepare_data(args: argparse.Namespace, out: Path, norms: list[str], mesh):
-  """``(dataset, fingerprint, (train, test))``: the host arrays, their fingerprint, and where the loop reads
-  them; every process agrees on the settings and data first."""
+def prepare_data(dataset, args: argparse.Namespace, out: Path, norms: list[str], mesh):
+  """``(dataset, fingerprint, (train, test))``: the host arrays (``dataset``, as loaded), their fingerprint, and
+  where the loop reads them; every process agrees on the settings and data first."""
   import jax
 
   from experiments.lenet_fmnist import report, train
 
-  dataset = load_data(args)
   print(
     f"Fashion-MNIST from {dataset.source}: {len(dataset.train_labels)} train, {len(dataset.test_labels)} test; "
     f"device {report.device_name()}"

@@ -6,6 +6,8 @@ over the seeds; everything here shows them as a distribution: mean +- std, and t
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -74,6 +76,47 @@ def device_name() -> str:
   return f"{d.platform}:{d.id}{kind}"
 
 
+class Figures:
+  """Draws and writes the run's figures in a thread of its own, beside training: matplotlib is imported
+  there while the first epoch trains, each figure is drawn while the run goes on, and :meth:`wait` (or the
+  end of the ``with`` block) waits for them and raises what a drawing raised (a full disk, say).
+  ``draw=False`` (processes other than 0) draws nothing and imports nothing."""
+
+  def __init__(self, draw: bool = True):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="figures") if draw else None
+    self._pending: list[concurrent.futures.Future] = []
+    if self._pool is not None:
+      self._pending.append(self._pool.submit(_pyplot))
+
+  def draw(self, plot: Callable, histories: dict[str, list[dict]], *args) -> None:
+    """``plot(histories, *args)`` in the figures' thread (on a copy of the histories, which the run extends)."""
+    if self._pool is not None:
+      self._pending.append(self._pool.submit(plot, {k: list(v) for k, v in histories.items()}, *args))
+
+  def wait(self) -> None:
+    while self._pending:
+      self._pending.pop(0).result()
+
+  def __enter__(self) -> Figures:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+    if exc[0] is None:
+      self.wait()
+
+
+def _pyplot():
+  """matplotlib's pyplot with the file-only Agg backend (imported here: a run that never plots skips it)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
 def save_figure(fig, stem: Path) -> None:
   """``stem.png`` and ``stem.svg``, each written atomically; the figure is closed however that ends."""
   import matplotlib.pyplot as plt
@@ -90,11 +133,7 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path, labels: dict[str, 
   """The chapter's figure (train loss, train acc, test acc vs epoch), one panel per variant (titled by
   ``labels[variant]``, see :func:`label`); for several seeds, the mean curves with a band of +- one standard
   deviation and the lowest test accuracy dotted."""
-  import matplotlib  # imported here: a run that never plots (another process, an early error) skips it
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _pyplot()
   fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.2), squeeze=False, sharey=True)
   for ax, (name, history) in zip(axes[0], histories.items(), strict=True):
     epochs = [h["epoch"] for h in history]
@@ -118,11 +157,7 @@ def plot_curves(histories: dict[str, list[dict]], stem: Path, labels: dict[str, 
 def plot_test_accuracy(histories: dict[str, list[dict]], stem: Path, labels: dict[str, str]) -> None:
   """Test accuracy per epoch of every variant on one axes (mean, ± 1 std band and lowest seed for several
   seeds), with the chapter's printed epoch-10 test accuracies marked."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   for name, history in histories.items():
     epochs = [h["epoch"] for h in history]
