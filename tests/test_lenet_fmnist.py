@@ -502,6 +502,35 @@ def test_the_cli_choices_are_the_modules_own():
   )
 
 
+def test_help_shows_every_flags_default_and_three_examples():
+  # Read from the parser's own actions, so a flag added without its default in --help fails here.
+  from experiments.lenet_fmnist import arguments
+
+  parser = arguments.build_parser()
+  shown = " ".join(parser.format_help().split())
+  unwrapped = "".join(shown.split())  # argparse rewraps lines, also at hyphens
+  formatter = parser._get_formatter()
+  flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+  assert len(flags) >= 25
+  for action in flags:
+    text = " ".join(formatter._expand_help(action).split())
+    assert "".join(text.split()) in unwrapped, action.dest
+    assert "(default: " in text or "; default: " in text, f"--help shows no default for {action.option_strings[0]}"
+    if action.default not in (None, False):
+      assert str(action.default) in text, f"--help does not show {action.option_strings[0]}'s {action.default!r}"
+    assert "see " not in text, f"{action.option_strings[0]}'s help points elsewhere: {text}"
+  for choice in (*VARIANTS, "lanes", "im2col", "xla", "scan", "step", "idx", "tfds", "nnx"):
+    assert choice in shown  # each choice is described, not only listed
+  for group in ("training", "variants", "data", "output", "devices"):
+    assert any(g.title.startswith(group) and g._group_actions for g in parser._action_groups), group
+  examples = [
+    line for line in parser.epilog.splitlines() if line.strip().startswith("python -m experiments.lenet_fmnist")
+  ]
+  assert len(examples) == 3
+  for line in examples:
+    arguments.parse_args(line.split("#")[0].split()[3:])  # each example parses
+
+
 # --- several seeds in one program, weight averaging (issue 19) ---------------------------------------
 
 

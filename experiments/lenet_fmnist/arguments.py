@@ -53,115 +53,159 @@ def default_cache_dir() -> str:
   return os.environ.get("BNJAX_COMPILE_CACHE") or str(Path(base) / "bnjax" / "xla")
 
 
+EPILOG = """examples:
+  python -m experiments.lenet_fmnist                             # the chapter: bnjax.BatchNorm, 10 epochs
+  python -m experiments.lenet_fmnist --epochs 20 --resume        # continue that run to 20 epochs
+  python -m experiments.lenet_fmnist --bn all --seeds 0-7 --out runs/seeds  # every variant, 8 seeds side by side
+
+Fashion-MNIST is read from --data-dir, else $BNJAX_DATA_DIR, else /usr/share/datasets/fashion-mnist (the
+Debian package dataset-fashion-mnist), else a prepared tensorflow-datasets copy."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """argparse's help with every option's default shown (as ``ArgumentDefaultsHelpFormatter`` does) and the
+  epilog's line breaks kept; a help that already states its default (``default:``) is left as it is."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    if "default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+      return text
+    if isinstance(action, argparse._StoreTrueAction):
+      return f"{text} (default: off)"
+    return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m experiments.lenet_fmnist", description=DESCRIPTION)
-  p.add_argument(
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.lenet_fmnist", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+  )
+  # Flags are added in one fixed order (the order of the run's recorded settings); --help shows them by group.
+  training = p.add_argument_group("training (the chapter's settings by default)")
+  variants = p.add_argument_group("variants")
+  data = p.add_argument_group("data")
+  output = p.add_argument_group("output")
+  dist = p.add_argument_group("devices and hosts (bnjax.sync)")
+  variants.add_argument(
     "--bn",
     choices=[*VARIANTS, "all"],
     default="ours",
-    help="normalization: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none, ours-precise (ours + "
-    f"precise BN, --precise-bn N or {DEFAULT_PRECISE_BATCHES} batches), ours-ema (ours-precise evaluated with "
-    f"a moving average of the weights, --ema DECAY or {DEFAULT_EMA_DECAY}), or all five",
+    help="normalization: ours (bnjax.BatchNorm), flax (flax.linen.BatchNorm), none (no BN layer), ours-precise "
+    f"(ours, its statistics recomputed by precise BN from --precise-bn N batches, else {DEFAULT_PRECISE_BATCHES}, "
+    "before every evaluation), ours-ema (ours-precise evaluated with a moving average of the weights, --ema "
+    f"DECAY, else {DEFAULT_EMA_DECAY}), or all: the five one after another, with a comparison table",
   )
-  p.add_argument("--epochs", type=int, default=10)
-  p.add_argument("--lr", type=float, default=1.0)
-  p.add_argument("--batch-size", type=int, default=256)
-  p.add_argument("--seed", type=int, default=None, help="the run's seed (default 0)")
-  p.add_argument(
+  training.add_argument("--epochs", type=int, default=10, help="epochs to train (with --resume: the total)")
+  training.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
+  training.add_argument("--batch-size", type=int, default=256, help="global batch size, split over all devices")
+  training.add_argument("--seed", type=int, default=None, help="the run's seed (default: 0)")
+  training.add_argument(
     "--seeds",
     default=None,
     metavar="SPEC",
     help="train several seeds side by side in one program (jax.vmap), e.g. 0-7 or 0,3,5: files per seed "
-    "and a summary (mean, std, min) across them",
+    "and a summary (mean, std, min) across them (default: one seed, --seed)",
   )
-  p.add_argument(
+  variants.add_argument(
     "--ema",
     type=float,
     default=None,
     metavar="DECAY",
     help="evaluate with an exponential moving average of the weights (decay in (0, 1), about 1/(1-DECAY) "
-    "steps); BN statistics are recomputed for the averaged weights by precise BN",
+    f"steps); BN statistics are recomputed for the averaged weights by precise BN (default: off; {DEFAULT_EMA_DECAY} "
+    "for --bn ours-ema)",
   )
-  p.add_argument(
+  variants.add_argument(
     "--precise-bn",
     type=int,
     default=0,
     metavar="N",
-    help="before every evaluation, recompute the BN statistics from N training batches (bnjax.precise_batch_stats)",
+    help="before every evaluation, recompute the BN statistics from N training batches (bnjax.precise_batch_stats); "
+    f"0: off (default: 0; {DEFAULT_PRECISE_BATCHES} for --bn ours-precise and ours-ema)",
   )
-  p.add_argument(
+  data.add_argument(
     "--data-source",
     choices=("auto", "idx", "tfds"),
     default="auto",
-    help="where Fashion-MNIST comes from: IDX files, tensorflow-datasets (downloads when not prepared), or "
-    "auto (IDX files when found, else a prepared tfds copy)",
+    help="where Fashion-MNIST comes from: idx (the four IDX .gz files of --data-dir), tfds (tensorflow-datasets, "
+    "which downloads the data set when not prepared), or auto (IDX files when found, else a prepared tfds copy)",
   )
-  p.add_argument(
+  data.add_argument(
     "--data-dir",
     default=None,
     help="directory of Fashion-MNIST IDX files (default: $BNJAX_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
   )
-  p.add_argument("--out", default="runs/lenet_fmnist", help="where metrics, plots and checkpoints go")
-  p.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in --out")
-  p.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
-  p.add_argument(
+  output.add_argument(
+    "--out", default="runs/lenet_fmnist", help="where metrics, plots and checkpoints go (one folder per variant)"
+  )
+  output.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in --out")
+  output.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
+  training.add_argument(
     "--api",
     choices=("linen", "nnx"),
     default="linen",
     help="Flax API of the model: linen (LeNet) or nnx (NNXLeNet); the same loop, the same numbers",
   )
-  p.add_argument("--loop", choices=("auto", "step", "scan"), default="auto", help="epoch loop driver (see train.py)")
-  p.add_argument(
+  training.add_argument(
+    "--loop",
+    choices=("auto", "step", "scan"),
+    default="auto",
+    help="how an epoch's full batches run: scan (equal chunks of at most 47 steps, each chunk one lax.scan "
+    "call), step (one jitted call per step), auto (scan); the same numbers either way",
+  )
+  training.add_argument(
     "--conv-impl",
     choices=("auto", "xla", "im2col", "lanes"),
     default="auto",
     help="how convolutions are computed: lanes (the batch on the vector lanes, CHWN matmuls: fastest on CPU), "
     "im2col (NHWC patch matmuls), xla (lax.conv: fastest on GPU); auto picks lanes on CPU, xla elsewhere",
   )
-  p.add_argument(
+  training.add_argument(
     "--precision",
     choices=PRECISIONS,
     default="highest",
-    help="of LeNet's float32 convolutions and matmuls: highest (true float32, the default), high or default "
-    "(XLA's choice: TF32 on NVIDIA GPUs); the same on CPU",
+    help="of LeNet's float32 convolutions and matmuls: highest (true float32), high or default "
+    "(XLA's choice: TF32 on NVIDIA GPUs); all three compute the same on CPU",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-  p.add_argument(
+  output.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+  output.add_argument(
     "--compile-cache",
     default=default_cache_dir(),
     metavar="DIR",
-    help="persistent compilation cache (default: %(default)s)",
+    help="persistent compilation cache ($BNJAX_COMPILE_CACHE, else $XDG_CACHE_HOME/bnjax/xla or "
+    "~/.cache/bnjax/xla; default: %(default)s)",
   )
-  p.add_argument(
+  output.add_argument(
     "--no-compile-cache",
     action="store_true",
     help="compile from scratch: no persistent cache, not even one set by JAX_COMPILATION_CACHE_DIR",
   )
-  p.add_argument(
+  data.add_argument(
     "--allow-partial-data",
     action="store_true",
     help="accept IDX files with fewer than 60000/10000 examples (subsets, test fixtures)",
   )
-  dist = p.add_argument_group("more devices, more hosts (bnjax.sync)")
   dist.add_argument("--devices", type=int, default=None, metavar="N", help="local devices to train on (default: all)")
   dist.add_argument(
     "--bn-group-size",
     type=int,
     default=None,
     metavar="G",
-    help="synchronize BN within groups of G devices (default: all)",
+    help="synchronize BN within groups of G devices (default: all devices in one group)",
   )
   dist.add_argument(
-    "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, for several processes"
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="process 0's address, for several processes (default: none, one process)",
   )
-  dist.add_argument("--num-processes", type=int, default=1, metavar="P", help="number of processes (default 1)")
+  dist.add_argument("--num-processes", type=int, default=1, metavar="P", help="number of processes")
   dist.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's index in [0, P)")
   dist.add_argument(
     "--timeout",
     type=float,
     default=120.0,
     metavar="S",
-    help="with several processes: seconds to wait for the others to join, and for any step to finish (default 120)",
+    help="with several processes: seconds to wait for the others to join, and for any step to finish",
   )
   return p
 
