@@ -283,8 +283,27 @@ def batch_indices(perm: jax.Array, start, batch_size: int, valid=None) -> tuple[
 
 
 def over_replicas(fn: Callable, replicated: bool, in_axes) -> Callable:
-  """``fn`` as it is, or ``jax.vmap``-ed over the replica axis of the arguments whose ``in_axes`` is 0."""
-  return jax.vmap(fn, in_axes=in_axes) if replicated else fn
+  """``fn`` as it is, or mapped over the replica axis of the arguments whose ``in_axes`` is 0.
+
+  On accelerators the replicas run side by side (``jax.vmap``: one wide computation). On CPU they run one
+  after the other inside the same program (``jax.lax.map``): each replica's activations stay in the
+  caches, where side by side they would need the replica count times the memory traffic.
+  """
+  if not replicated:
+    return fn
+  if jax.default_backend() != "cpu":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def sequential(*args):
+    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+
+    def one(mapped):
+      rows = iter(mapped)
+      return fn(*[next(rows) if axis == 0 else a for a, axis in zip(args, axes, strict=True)])
+
+    return jax.lax.map(one, [a for a, axis in zip(args, axes, strict=True) if axis == 0])
+
+  return sequential
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_steps", "mesh", "replicated"), donate_argnums=(0, 1))
