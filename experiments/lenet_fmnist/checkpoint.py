@@ -7,7 +7,6 @@ complete checkpoint and never a half-written file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -19,24 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.lenet_fmnist.config import RUN_IDENTITY, RunConfig
+
 CHECKPOINT, METRICS, LOCK = "checkpoint.msgpack", "metrics.json", ".lock"
 FORMAT = "bnjax-checkpoint-2"  # a SHA-256 over the payload; format 1 (no digest) is still read
-# What a resumed run must share with the checkpoint's run (--epochs may grow), in the checkpoint's words.
-# "seed" is the list of seeds for a run of several (--seeds). "bn_group_examples" is how many examples of a
-# batch each BN layer normalizes over (--batch-size over the number of BN groups): what --devices, the
-# process count and --bn-group-size change in the computation. The devices themselves are free to change
-# when they lay out the same computation (e.g. 2 devices in groups of 1, or 4 in groups of 2).
-RUN_IDENTITY = (
-  "bn", "batch_size", "lr", "seed", "conv_impl", "precision", "bn_group_examples", "precise_bn", "ema", "data"
-)  # fmt: skip
+# RUN_IDENTITY (config.py): what a resumed run must share with the checkpoint's run, in the checkpoint's words.
 
 
 class RunError(Exception):
   """A problem the user can act on: printed as one ``error:`` line, no traceback."""
 
 
-def run_config(args: argparse.Namespace, **derived) -> dict:
-  """The settings that make a run what it is, :data:`RUN_IDENTITY`'s names: those in ``derived`` (the variant's
+def run_config(args: RunConfig, **derived) -> dict:
+  """The settings that make a run what it is, :data:`config.RUN_IDENTITY`'s names: those in ``derived`` (the variant's
   ``bn``, its ``precise_bn`` batches and ``ema`` decay, the data set's fingerprint ``data``, the examples per
   BN group ``bn_group_examples``), the others from ``args``."""
   seed = args.seeds if len(args.seeds) > 1 else args.seeds[0]
@@ -133,7 +127,7 @@ def exclusive(out: Path):
     os.close(fd)
 
 
-def check_runs(out: Path, norms: list[str], args: argparse.Namespace) -> None:
+def check_runs(out: Path, norms: list[str], args: RunConfig) -> None:
   """Before any work: --out holds no run that would be silently replaced, and --resume has something to resume."""
   for norm in norms:
     run = out / norm

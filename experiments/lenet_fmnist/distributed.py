@@ -1,4 +1,5 @@
-"""Several processes for the chapter's CLI: joining them, a watchdog on every wait, a barrier.
+"""Several processes for the chapter's CLI: joining them, a watchdog on every wait, a barrier, agreeing on
+the run's settings, and the run's devices (:func:`setup_devices`).
 
 Only process control lives here (global JAX configuration, exiting the process); the mesh and the
 synchronized-BN pieces are :mod:`bnjax.sync`.
@@ -6,6 +7,9 @@ synchronized-BN pieces are :mod:`bnjax.sync`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 import sys
@@ -13,9 +17,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import numpy as np
+
+from bnjax import sync
+from experiments.lenet_fmnist.checkpoint import CHECKPOINT, RunError
+from experiments.lenet_fmnist.config import AGREED, RunConfig
 
 
 class DistributedError(RuntimeError):
@@ -129,3 +138,78 @@ def barrier(name: str) -> None:
     names = allgather_rows(np.array([zlib.crc32(name.encode())], np.uint32))
     if (names != names[0]).any():
       raise DistributedError(f"process {jax.process_index()} reached barrier {name!r} while another did not.")
+
+
+def setup_devices(config: RunConfig):
+  """Joins the other processes and builds the mesh; None for the one-device path. Errors before any work."""
+  if config.num_processes > 1:
+    try:
+      initialize(config.coordinator, config.num_processes, config.process_id, timeout_s=config.timeout)
+    except DistributedError as e:
+      raise RunError(str(e)) from None
+    if config.process_id:  # only process 0 speaks (the C++ collectives' notes too); errors still go to stderr
+      sys.stdout.flush()
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, sys.stdout.fileno())
+      os.close(devnull)
+  devices = jax.local_device_count() if config.devices is None else config.devices
+  if len(config.seeds) > 1:  # replicas side by side on one device (the flags allow nothing else)
+    devices = 1
+  if config.num_processes == 1 and devices == 1 and config.bn_group_size is None:
+    return None
+  try:
+    mesh = sync.make_mesh(devices, config.bn_group_size)
+    sync.check_divisible(mesh, config.batch_size)
+  except ValueError as e:  # the library names its arguments; the CLI user knows the flags
+    message = str(e).replace("`devices_per_process`", "--devices").replace("`bn_group_size`", "--bn-group-size")
+    raise RunError(message.replace("the global batch size", "--batch-size")) from None
+  return mesh
+
+
+def make_watchdog(config: RunConfig):
+  """A watchdog with several processes (one process cannot wait for another), else a no-op."""
+  if config.num_processes < 2:
+    return contextlib.nullcontext()
+  return Watchdog(config.timeout, lambda: stalled_message(config.timeout, "waiting for the other processes"))
+
+
+def checkpoint_digest(path: Path) -> str | None:
+  """A SHA-256 prefix of the checkpoint file, None when there is none."""
+  return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def agreed_settings(config: RunConfig, fingerprint: str, out: Path, norms: list[str], mesh) -> dict:
+  """Everything that shapes the trajectory, for the processes to agree on (not where each one runs from):
+  :data:`config.AGREED`'s fields, the data's ``fingerprint``, with a mesh each process's number of devices
+  on it, and with ``--resume`` the digests of the checkpoints resumed from."""
+  settings = {**{k: getattr(config, k) for k in AGREED}, "data": fingerprint}
+  if mesh is not None:  # the devices each process trains on (--devices, default all: may differ per machine)
+    settings["devices"] = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  if config.resume:  # every process must resume from the same checkpoint (--out must be shared)
+    settings["checkpoints"] = {norm: checkpoint_digest(out / norm / CHECKPOINT) for norm in norms}
+  return settings
+
+
+def agree_across_processes(settings: dict) -> None:
+  """Every process must run the same settings: process 0's are gathered with everyone's, and a difference
+  stops every process with the same one line, before any work."""
+  if jax.process_count() == 1:
+    return
+  size = 4096
+  blob = json.dumps(settings, sort_keys=True).encode()
+  if len(blob) > size:
+    raise RunError(f"the run's settings take {len(blob)} bytes, more than the {size} processes compare")
+  rows = allgather_rows(np.frombuffer(blob.ljust(size), np.uint8))
+  ours = json.loads(bytes(rows[0]).decode())
+  for p, row in enumerate(rows[1:], start=1):
+    theirs = json.loads(bytes(row).decode())
+    differ = [
+      f"{k} {theirs.get(k)} (process 0: {ours.get(k)})" for k in sorted(ours | theirs) if ours.get(k) != theirs.get(k)
+    ]
+    if differ:
+      devices = " (pass every process --devices N, N at most the fewest local devices any has)"
+      raise RunError(
+        f"process {p} of {len(rows)} runs with {', '.join(differ)}; every process must be started with the same "
+        "settings and data, or the replicas would train different models"
+        f"{devices if 'devices' in theirs and theirs['devices'] != ours['devices'] else ''}. Nothing was trained."
+      )
