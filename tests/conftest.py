@@ -1,4 +1,5 @@
-"""Shared test setup.
+"""Shared test setup: session settings and fixtures only (helpers live in tests/helpers.py and
+tests/experiments/helpers.py).
 
 Several host CPU devices let the pmap/shard_map tests run on any machine (tests that need them ask for
 ``jax.devices("cpu")`` explicitly, so a GPU machine runs them too); the flag must be set before jax is
@@ -55,17 +56,6 @@ def release_compiled_programs():
   gc.collect()
 
 
-CPU_DEVICES = jax.devices("cpu")  # 4 host devices, whatever the default backend
-
-
-def new_state(model, key, lr):
-  """The chapter's train state (plain SGD) for a linen LeNet initialized from ``key``."""
-  from experiments.lenet_fmnist import train
-  from experiments.lenet_fmnist.models import init_lenet
-
-  return train.create_train_state(train.linen_apply(model), init_lenet(model, key), lr)
-
-
 @pytest.fixture
 def rng():
   """A fresh, seeded NumPy generator per test."""
@@ -74,7 +64,7 @@ def rng():
 
 def pytest_sessionfinish(session):
   """Under pytest-xdist, a worker hands its largest differences to the controller, which prints them."""
-  from tolerance import MAX_DIFFS
+  from tests.tolerance import MAX_DIFFS
 
   if hasattr(session.config, "workeroutput"):
     session.config.workeroutput["max_diffs"] = dict(MAX_DIFFS)
@@ -82,7 +72,7 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-  from tolerance import MAX_DIFFS
+  from tests.tolerance import MAX_DIFFS
 
   for check, diff in getattr(node, "workeroutput", {}).get("max_diffs", {}).items():
     MAX_DIFFS[check] = max(MAX_DIFFS.get(check, 0.0), diff)
@@ -90,45 +80,9 @@ def pytest_testnodedown(node, error):
 
 def pytest_terminal_summary(terminalreporter):
   """Reports the largest difference observed per parity check (tests/test_torch_parity.py)."""
-  from tolerance import MAX_DIFFS
+  from tests.tolerance import MAX_DIFFS
 
   if MAX_DIFFS:
     terminalreporter.section("largest observed differences (max |a - b|)")
     for check, diff in sorted(MAX_DIFFS.items()):
       terminalreporter.write_line(f"{check:<60} {diff:.3e}")
-
-
-def write_idx(path, array, magic, compress=True):
-  """Writes `array` (uint8) as an IDX file, gzipped when `compress`."""
-  import gzip
-  import struct
-
-  payload = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + np.asarray(array, np.uint8).tobytes()
-  if compress:
-    with gzip.open(str(path) + ".gz", "wb") as f:
-      f.write(payload)
-  else:
-    with open(path, "wb") as f:
-      f.write(payload)
-
-
-def make_fmnist_dir(directory, n_train=512, n_test=128, seed=0, compress=True):
-  """A small, learnable Fashion-MNIST look-alike: each class is a bright bar at its own position."""
-  from experiments.lenet_fmnist import input_pipeline as data
-
-  rng = np.random.default_rng(seed)
-  directory.mkdir(parents=True, exist_ok=True)
-  for split, n in (("train", n_train), ("test", n_test)):
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-      images[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 255
-    write_idx(directory / data.FILES[f"{split}_images"], images, data.IMAGE_MAGIC, compress)
-    write_idx(directory / data.FILES[f"{split}_labels"], labels, data.LABEL_MAGIC, compress)
-  return directory
-
-
-@pytest.fixture
-def fmnist_dir(tmp_path):
-  """A directory of small synthetic Fashion-MNIST IDX files (gzipped)."""
-  return make_fmnist_dir(tmp_path / "fmnist")

@@ -5,23 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerance import assert_trees_close
 
 import bnjax
-from experiments.lenet_fmnist.models import LeNet, fold_lenet, init_lenet
-
-
-def random_bn(rng, features, use_scale=True, use_bias=True):
-  params = {}
-  if use_scale:
-    params["scale"] = rng.uniform(0.5, 2, features).astype(np.float32)
-  if use_bias:
-    params["bias"] = rng.normal(0, 1, features).astype(np.float32)
-  stats = {
-    "mean": rng.normal(0, 2, features).astype(np.float32),
-    "var": rng.uniform(0.1, 5, features).astype(np.float32),
-  }
-  return params, stats
+from tests.helpers import random_bn
+from tests.tolerance import assert_trees_close
 
 
 @pytest.mark.parametrize("layer_kind", ["dense", "conv", "conv without bias"])
@@ -40,33 +27,12 @@ def test_a_folded_layer_equals_the_layer_then_eval_batch_norm(rng, layer_kind, b
   assert_trees_close(with_bias.apply({"params": folded}, x), expected)
 
 
-@pytest.mark.parametrize("norm", ["ours", "flax"])
-def test_a_folded_lenet_has_the_eval_logits_of_the_bn_lenet(rng, norm):
-  model = LeNet(norm=norm)
-  variables = init_lenet(model, jax.random.key(1))
-  bn_params = {k: dict(v) for k, v in variables["params"].items()}
-  stats = {}
-  for bn in ("bn1", "bn2", "bn3", "bn4"):  # non-trivial statistics, as after training
-    bn_params[bn], stats[bn] = random_bn(rng, variables["batch_stats"][bn]["mean"].shape[0])
-  variables = {"params": bn_params, "batch_stats": stats}
-  x = rng.uniform(0, 1, (16, 28, 28, 1)).astype(np.float32)
-  folded = fold_lenet(variables)
-  assert "batch_stats" not in folded
-  assert jax.tree.structure(folded["params"]) == jax.tree.structure(
-    init_lenet(LeNet(norm="none"), jax.random.key(0))["params"]
-  )
-  assert_trees_close(LeNet(norm="none").apply(folded, x, train=False), model.apply(variables, x, train=False))
-
-
 def test_folding_errors_name_the_problem(rng):
   bn_params, bn_stats = random_bn(rng, 4)
   with pytest.raises(ValueError, match=r"BN mean has shape \(4,\), but the kernel \(3, 5\) has 5 output features"):
     bnjax.fold_batch_norm({"kernel": jnp.ones((3, 5)), "bias": jnp.zeros(5)}, bn_params, bn_stats)
   with pytest.raises(KeyError, match=r"`bn_stats` has no 'var'"):
     bnjax.fold_batch_norm({"kernel": jnp.ones((3, 4))}, bn_params, {"mean": bn_stats["mean"]})
-  plain = init_lenet(LeNet(norm="none"), jax.random.key(0))
-  with pytest.raises(ValueError, match="plain LeNet variables, nothing to fold"):
-    fold_lenet(plain)
 
 
 @pytest.mark.parametrize("epsilon", [-1.0, float("nan"), float("inf"), "1e-5"])

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CPU_DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-from tolerance import assert_trees_close
 
 from bnjax import BatchStats, batch_norm, init_batch_stats
+from tests.helpers import CPU_DEVICES
+from tests.tolerance import assert_trees_close
 
 
 def reference_batch_norm(x, gamma, beta, mean, var, *, feature_axes, train, eps=1e-5, momentum=0.9):

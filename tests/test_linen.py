@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerance import assert_trees_close
 
 import bnjax
+from tests.tolerance import assert_trees_close
 
 
 def make_model(norm_cls, **norm_kwargs):

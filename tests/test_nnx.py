@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tolerance import assert_trees_close
 
 import bnjax
 from bnjax.nnx import BatchNorm
+from tests.tolerance import assert_trees_close
 
 
 def test_state_graphdef_and_parameter_count_look_like_flax():

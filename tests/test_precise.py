@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerance import assert_trees_close, max_abs_diff
 
 import bnjax
-from experiments.lenet_fmnist.models import LeNet, init_lenet
+from tests.helpers import CNN_IMAGE, TinyCNN, channel_axis, init_cnn
+from tests.tolerance import assert_trees_close, max_abs_diff
 
 
 class TwoLayer(nn.Module):
@@ -91,13 +91,11 @@ def test_a_shared_layer_pools_all_its_calls(rng):
 
 
 @pytest.mark.parametrize("norm", ["ours", "flax"])
-@pytest.mark.parametrize("conv_impl", ["im2col", "lanes"])  # features last (NHWC), or first (CHWN)
-def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng, norm, conv_impl):
-  from experiments.lenet_fmnist.conv import channel_axis, native_layout
-
-  model = LeNet(norm=norm, conv_impl=conv_impl)
-  variables = init_lenet(model, jax.random.key(0))
-  batches = [jnp.asarray(rng.random((32, 28, 28, 1), np.float32)) for _ in range(3)]
+@pytest.mark.parametrize("layout", ["NHWC", "CHWN"])  # features last, or first (LeNet's conv_impl="lanes")
+def test_cnn_statistics_are_the_population_statistics_of_each_layer_input(rng, norm, layout):
+  model = TinyCNN(norm=norm, layout=layout)
+  variables = init_cnn(model, jax.random.key(0))
+  batches = [jnp.asarray(rng.random((32, *CNN_IMAGE), np.float32)) for _ in range(3)]
   out = bnjax.precise_batch_stats(model.apply, variables, batches, model_kwargs={"train": True})
   # Each BN layer's input is the output of the layer before it, captured in the same training-mode pass.
   inputs = {"bn1": "conv1", "bn2": "conv2", "bn3": "fc1", "bn4": "fc2"}
@@ -108,7 +106,7 @@ def test_lenet_statistics_are_the_population_statistics_of_each_layer_input(rng,
     )
     for bn, layer in inputs.items():
       h = np.asarray(state["intermediates"][layer]["__call__"][0], np.float64)
-      h = np.moveaxis(h, channel_axis(native_layout(conv_impl)), -1) if h.ndim == 4 else h
+      h = np.moveaxis(h, channel_axis(layout), -1) if h.ndim == 4 else h
       captured[bn].append(h.reshape(-1, h.shape[-1]))
   for bn, hs in captured.items():
     h = np.concatenate(hs)
@@ -124,29 +122,6 @@ def test_clear_errors(rng):
     bnjax.precise_batch_stats(plain.apply, plain.init(jax.random.key(0), batches[0]), batches)
   with pytest.raises(ValueError, match=r"a batch is an array or a pair \(inputs, mask\)"):
     bnjax.precise_batch_stats(model.apply, variables, [(batches[0], None, 1)], model_kwargs={"train": True})
-
-
-def test_the_precise_bn_figure_script(tmp_path, capsys):
-  import json
-
-  from experiments import precise_figure
-
-  runs = []
-  for name, accs in (("plain", [0.80, 0.78]), ("precise", [0.85, 0.86])):
-    run = tmp_path / name
-    run.mkdir()
-    history = [
-      {"epoch": i + 1, "test_acc": a, "precise_bn_seconds": 0.5 if name == "precise" else 0.0}
-      for i, a in enumerate(accs)
-    ]
-    (run / "metrics.json").write_text(json.dumps({"epochs": history}))
-    runs.append(str(run))
-  precise_figure.main(["--plain", runs[0], "--precise", runs[1], "--out", str(tmp_path / "fig")])
-  assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
-  table = (tmp_path / "fig.md").read_text()
-  assert "| 0 precise BN | 0.850 | 0.860 | 0.50 |" in table and "| 0 running averages | 0.800 | 0.780 | 0.00 |" in table
-  with pytest.raises(SystemExit):
-    precise_figure.main(["--plain", runs[0], runs[1], "--precise", runs[1], "--out", str(tmp_path / "x")])
 
 
 def test_a_ghost_bn_layer_gets_the_pooled_within_group_variance_it_trains_with(rng):
@@ -167,10 +142,10 @@ def test_a_ghost_bn_layer_gets_the_pooled_within_group_variance_it_trains_with(r
 
 @pytest.mark.parametrize("num_batches", [-3, 0, 1.5, True])
 def test_num_batches_must_be_a_positive_int(num_batches):
-  model = LeNet("ours")
-  variables = init_lenet(model, jax.random.key(0))
+  model = TinyCNN("ours")
+  variables = init_cnn(model, jax.random.key(0))
   with pytest.raises(ValueError, match=r"`num_batches` is .*, but should be a positive int"):
-    bnjax.precise_batch_stats(model.apply, variables, jnp.zeros((2, 4, 28, 28, 1)), num_batches)
+    bnjax.precise_batch_stats(model.apply, variables, jnp.zeros((2, 4, *CNN_IMAGE)), num_batches)
 
 
 # --- models beyond a plain stack of layers: frozen layers, lifted transforms, dropout (issue 26) ----------

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CPU_DEVICES
 from jax.sharding import PartitionSpec as P
 
 from bnjax import sync
+from tests.helpers import CPU_DEVICES
 
 
 def test_a_mesh_of_groups_and_its_errors():

@@ -1,9 +1,8 @@
-"""Parity with PyTorch: the chapter's own code and torch.nn.BatchNorm*, from one op to LeNet SGD steps.
+"""Parity with PyTorch: torch.nn.functional.batch_norm, autograd, nn.BatchNorm1d/2d and the PyTorch preset
+(the chapter's own code and LeNet: tests/experiments/test_torch_parity.py).
 
 torch is imported unconditionally: without it this module fails to collect, loudly (no silent skip).
 """
-
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -11,40 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close_and_record
 
 from bnjax import BatchNorm, batch_norm, init_batch_stats, pytorch_preset
 from bnjax.porting import batch_norm_from_torch, batch_norm_to_torch
-from experiments import torch_lenet as chapter
-from experiments.lenet_fmnist.models import LeNet
-from experiments.lenet_fmnist.porting import lenet_from_torch
-from experiments.lenet_fmnist.train import create_train_state, linen_apply, summarize, train_step
-
-SEEDS = [0, 1, 2]
-SHAPES = [(32, 7), (16, 5, 6, 6)]  # (N, C) and (N, C, H, W), as in torch
-K_STEPS = 3
-CHAPTER_MOMENTUM, TORCH_MOMENTUM, EPS = 0.9, 0.1, 1e-5
-
-
-def to_nhwc(a):
-  return np.moveaxis(np.asarray(a), 1, -1)
-
-
-def from_nhwc(a):
-  return np.moveaxis(np.asarray(a), -1, 1)
-
-
-def batches(seed, shape, k):
-  """k inputs with non-zero per-channel mean and non-unit variance, plus gamma/beta."""
-  rng = np.random.default_rng(seed)
-  bshape = [1, shape[1]] + [1] * (len(shape) - 2)
-  loc, spread = rng.normal(0, 3, bshape), rng.uniform(0.5, 4, bshape)
-  xs = [(loc + spread * rng.standard_normal(shape)).astype(np.float32) for _ in range(k)]
-  return xs, rng.uniform(0.5, 2, shape[1]).astype(np.float32), rng.normal(0, 1, shape[1]).astype(np.float32)
-
-
-def t(a):
-  return torch.from_numpy(np.ascontiguousarray(a))
+from tests.helpers import CHAPTER_MOMENTUM, EPS, K_STEPS, SEEDS, SHAPES, TORCH_MOMENTUM, from_nhwc, to_nhwc
+from tests.helpers import bn_inputs as batches
+from tests.helpers import to_torch as t
+from tests.tolerance import assert_close_and_record
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -75,29 +47,6 @@ def test_train_steps_then_eval_match_torch_functional(seed, shape):
   y_b, _ = batch_norm(to_nhwc(x), gamma, beta, stats_nhwc, use_running_average=True, epsilon=EPS)
   assert_close_and_record("op F.batch_norm eval output", y_a, y_t.numpy())
   assert_close_and_record("op F.batch_norm eval output", from_nhwc(y_b), y_t.numpy())
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCHW"])
-def test_train_steps_then_eval_match_the_chapter_batch_norm(seed, shape):
-  xs, gamma, beta = batches(seed, shape, K_STEPS + 1)
-  bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
-  g, b = t(gamma.reshape(bshape)), t(beta.reshape(bshape))
-  moving_mean, moving_var = torch.zeros(bshape), torch.ones(bshape)
-  stats = init_batch_stats(shape[1])
-  for x in xs[:K_STEPS]:
-    y_t, moving_mean, moving_var = chapter.batch_norm(t(x), g, b, moving_mean, moving_var, EPS, CHAPTER_MOMENTUM)
-    y, stats = batch_norm(to_nhwc(x), gamma, beta, stats, use_running_average=False, momentum=CHAPTER_MOMENTUM)
-    assert_close_and_record("op chapter batch_norm train output", from_nhwc(y), y_t.numpy())
-  assert_close_and_record(
-    f"op chapter running stats after {K_STEPS} steps",
-    (stats.mean, stats.var),
-    (moving_mean.numpy().reshape(-1), moving_var.numpy().reshape(-1)),
-  )
-  with torch.no_grad():  # the chapter's eval mode
-    y_t, _, _ = chapter.batch_norm(t(xs[-1]), g, b, moving_mean, moving_var, EPS, CHAPTER_MOMENTUM)
-  y, _ = batch_norm(xs[-1], gamma, beta, stats, use_running_average=True, axis=1)
-  assert_close_and_record("op chapter batch_norm eval output", y, y_t.numpy())
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -166,69 +115,6 @@ def test_nn_batchnorm_modules_match(shape):
   assert_close_and_record(
     "op nn.BatchNorm1d/2d eval output", batch_norm(xs[-1], gamma, beta, stats, use_running_average=True, axis=1)[0], y_t
   )
-
-
-# --- model level: the chapter's two LeNets against ours, weights imported with bnjax.porting ----------
-
-VARIANTS = {
-  # name: (PyTorch net, our LeNet)
-  "scratch BN": (chapter.lenet_scratch_bn, LeNet(norm="ours")),
-  "nn.BatchNorm": (chapter.lenet_torch_bn, LeNet(norm="ours", unbiased_running_var=True)),
-}
-
-
-def fmnist_like_batch(seed, n=64):
-  rng = np.random.default_rng(seed)
-  images = rng.uniform(0, 1, (n, 1, 28, 28)).astype(np.float32) * (rng.uniform(0, 1, (n, 1, 1, 1)) > 0.2)
-  return images, rng.integers(0, 10, n).astype(np.int64)
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_lenet_logits_match_in_eval_and_train_mode(variant):
-  make_net, model = VARIANTS[variant]
-  net = chapter.init_like_train_ch6(make_net(), seed=0)
-  images, _ = fmnist_like_batch(0)
-  # Move the running statistics away from 0/1 first, so eval mode has something to match.
-  with torch.no_grad():
-    net.train()
-    net(t(fmnist_like_batch(1)[0]))
-  variables = lenet_from_torch(chapter.full_state_dict(net))
-  x = to_nhwc(images)
-
-  with torch.no_grad():  # eval: net.eval() for nn.BatchNorm, no_grad for the chapter's
-    expected_eval = net.eval()(t(images)).numpy()
-  assert_close_and_record(
-    f"LeNet eval logits ({variant})", model.apply(variables, x, train=False), expected_eval, "framework"
-  )
-  expected_train = copy.deepcopy(net).train()(t(images)).detach().numpy()
-  logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert_close_and_record(f"LeNet train logits ({variant})", logits, expected_train, "framework")
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_lenet_sgd_steps_match(variant):
-  """One and then five SGD steps (lr 1.0, as in the chapter): loss, parameters, running statistics."""
-  make_net, model = VARIANTS[variant]
-  net = chapter.init_like_train_ch6(make_net(), seed=1).train()
-  variables = lenet_from_torch(chapter.full_state_dict(net))
-  state = create_train_state(linen_apply(model), variables, 1.0)
-  opt = torch.optim.SGD(net.parameters(), lr=1.0)
-  step = jax.jit(train_step)
-  for i in range(5):
-    images, labels = fmnist_like_batch(10 + i)
-    opt.zero_grad()
-    loss_t = F.cross_entropy(net(t(images)), t(labels))
-    loss_t.backward()
-    opt.step()
-    state, metrics = step(state, to_nhwc(images), labels.astype(np.int32))
-    after = lenet_from_torch(chapter.full_state_dict(net))
-    label, kind = ("1 step", "framework") if i == 0 else ("5 steps", "trajectory")
-    if i in (0, 4):
-      assert_close_and_record(f"LeNet loss after {label} ({variant})", summarize(metrics)["loss"], loss_t.item(), kind)
-      assert_close_and_record(f"LeNet params after {label} ({variant})", state.params, after["params"], kind)
-      assert_close_and_record(
-        f"LeNet running stats after {label} ({variant})", state.batch_stats, after["batch_stats"], kind
-      )
 
 
 @pytest.mark.parametrize("torch_momentum", [0.1, 0.3, None], ids=["default", "0.3", "cumulative"])

@@ -1,8 +1,11 @@
 """Smoke test of the benchmark harness (no timing asserts: speed is read from its printout)."""
 
+import pytest
+
 from experiments import bench
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   result = bench.main(["--quick", "--steps", "2", "--out", str(tmp_path / "bench.json")])
   names = [r["name"] for r in result["model"]]
@@ -31,6 +34,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_without_torch_the_torch_rows_are_skipped_with_a_note(monkeypatch, capsys):
   monkeypatch.setattr(bench, "try_import_torch", lambda: None)
   result = bench.main(["--quick", "--steps", "2", "--no-ops"])
@@ -38,6 +42,7 @@ def test_without_torch_the_torch_rows_are_skipped_with_a_note(monkeypatch, capsy
   assert "torch is not installed, so the PyTorch rows are skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_data_parallel_benchmark_reports_every_device_count(capsys):
   from experiments import bench_parallel
 

@@ -5,9 +5,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import make_fmnist_dir, write_idx
 
 from experiments.lenet_fmnist import input_pipeline as data
+from tests.experiments.helpers import make_fmnist_dir, write_idx
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
@@ -92,6 +92,7 @@ def test_bad_source_is_rejected():
     data.load_fashion_mnist(source="web")
 
 
+@pytest.mark.slow
 def test_the_real_data_set_from_the_debian_package():
   """CI installs dataset-fashion-mnist (.ci/setup); a missing package fails here, it does not skip.
 

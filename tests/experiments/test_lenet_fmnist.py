@@ -5,34 +5,20 @@ import re
 
 import numpy as np
 import pytest
-from conftest import make_fmnist_dir
-from tolerance import assert_trees_close
 
 from experiments import lenet_fmnist
 from experiments.lenet_fmnist.arguments import VARIANTS
 from experiments.lenet_fmnist.checkpoint import exclusive, read_checkpoint
-
-
-def cli(fmnist_dir, out, *extra):
-  return [
-    "--data-dir",
-    str(fmnist_dir),
-    "--out",
-    str(out),
-    "--allow-partial-data",
-    "--batch-size",
-    "64",
-    "--no-progress",
-    "--devices",  # the one-device path (conftest gives this process 4 host devices; see test_parallel.py)
-    "1",
-    *extra,
-  ]
+from tests.experiments.helpers import cli, launch, make_fmnist_dir
+from tests.helpers import ROOT
+from tests.tolerance import assert_trees_close
 
 
 def last_acc(metrics):
   return metrics["epochs"][-1]["test_acc"]
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_metrics_plot_checkpoint_and_prints_the_chapter_lines(fmnist_dir, tmp_path, capsys):
   (summary,) = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2"))
   printed = capsys.readouterr().out
@@ -53,6 +39,7 @@ def test_end_to_end_writes_metrics_plot_checkpoint_and_prints_the_chapter_lines(
   assert len(summary["gamma"]) == 6
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path, capsys):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "straight", "--epochs", "3"))
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "resumed", "--epochs", "1"))
@@ -68,6 +55,7 @@ def test_resume_equals_an_uninterrupted_run(fmnist_dir, tmp_path, capsys):
   assert_trees_close(np.array(b["gamma"]), np.array(a["gamma"]))
 
 
+@pytest.mark.slow
 def test_all_variants_a_comparison_table_and_a_resume_that_passes_over_finished_ones(fmnist_dir, tmp_path, capsys):
   summaries = lenet_fmnist.main(cli(fmnist_dir, tmp_path / "all", "--epochs", "1", "--bn", "all"))
   assert [s["bn"] for s in summaries] == ["ours", "flax", "none", "ours-precise", "ours-ema"]
@@ -84,6 +72,7 @@ def test_all_variants_a_comparison_table_and_a_resume_that_passes_over_finished_
   assert first.split("| BatchNorm |")[1].split("\n")[2:7] == again.split("| BatchNorm |")[1].split("\n")[2:7]
 
 
+@pytest.mark.slow
 def test_missing_data_exits_with_one_clear_message(tmp_path):
   with pytest.raises(SystemExit, match=r"error: Fashion-MNIST directory .*nowhere does not exist.*apt-get install"):
     lenet_fmnist.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
@@ -115,6 +104,7 @@ def test_bad_flags_are_rejected_with_one_error_line(flag, value, capsys):
 # --- nothing lost, nothing overwritten without asking (issue 8) ------------------------------------
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_replaced_without_asking(fmnist_dir, tmp_path):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
   before = (tmp_path / "run" / "ours" / "checkpoint.msgpack").read_bytes()
@@ -125,6 +115,7 @@ def test_an_existing_run_is_not_replaced_without_asking(fmnist_dir, tmp_path):
   assert (tmp_path / "run" / "ours" / "checkpoint.msgpack").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_directory_without_a_checkpoint(fmnist_dir, tmp_path):
   (tmp_path / "run" / "ours").mkdir(parents=True)
   (tmp_path / "run" / "ours" / "metrics.json").write_text('{"epochs": []}')
@@ -132,6 +123,7 @@ def test_resume_refuses_a_run_directory_without_a_checkpoint(fmnist_dir, tmp_pat
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--resume"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "flag,value",
   [
@@ -152,6 +144,7 @@ def test_resume_with_other_settings_is_refused(fmnist_dir, tmp_path, flag, value
     lenet_fmnist.main([*cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"), *devices, flag, value])
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_named_on_resume(fmnist_dir, tmp_path):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
   ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
@@ -161,6 +154,7 @@ def test_a_corrupted_checkpoint_is_named_on_resume(fmnist_dir, tmp_path):
   assert len(str(e.value)) < 600, "one line, not a dump"
 
 
+@pytest.mark.slow
 def test_a_truncated_metrics_file_is_rebuilt_from_the_checkpoint(fmnist_dir, tmp_path, capsys):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2"))
   metrics = tmp_path / "run" / "ours" / "metrics.json"
@@ -172,6 +166,7 @@ def test_a_truncated_metrics_file_is_rebuilt_from_the_checkpoint(fmnist_dir, tmp
   assert [e["epoch"] for e in json.loads(metrics.read_text())["epochs"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_out_must_be_a_writable_directory_checked_before_the_data(tmp_path):
   a_file = tmp_path / "file"
   a_file.write_text("x")
@@ -182,6 +177,7 @@ def test_out_must_be_a_writable_directory_checked_before_the_data(tmp_path):
     lenet_fmnist.main(["--out", str(a_file / "sub"), *nowhere])
 
 
+@pytest.mark.slow
 def test_a_last_batch_of_one_example_is_dropped_not_fatal(tmp_path):
   d = make_fmnist_dir(tmp_path / "d", n_train=129, n_test=16)
   (summary,) = lenet_fmnist.main(cli(d, tmp_path / "run", "--epochs", "1"))
@@ -190,24 +186,6 @@ def test_a_last_batch_of_one_example_is_dropped_not_fatal(tmp_path):
 
 
 # --- whole processes: kills, Ctrl-C, the compilation cache -----------------------------------------
-
-
-def launch(fmnist_dir, out, *extra, cache=None):
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
-
-  root = Path(__file__).resolve().parents[1]
-  args = cli(fmnist_dir, out, *extra) + (["--compile-cache", str(cache)] if cache else [])
-  return subprocess.Popen(
-    [sys.executable, "-m", "experiments.lenet_fmnist", *args],
-    cwd=root,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-  )
 
 
 def wait_for_epoch_line(proc, n_lines=1, timeout=120):
@@ -230,6 +208,7 @@ def wait_for_epoch_line(proc, n_lines=1, timeout=120):
     timer.cancel()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_path):
   """The kill test: SIGKILL while epochs (and their saves) are under way, several times; resume always works."""
   import random
@@ -254,6 +233,7 @@ def test_sigkill_at_any_moment_keeps_a_restorable_checkpoint(fmnist_dir, tmp_pat
   assert [e["epoch"] for e in history] == list(range(1, saved + 3)) and np.isfinite(summary["train_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "signame,code,said",
   [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")],
@@ -279,6 +259,7 @@ def test_ctrl_c_or_sigterm_exits_with_one_line_saying_how_to_resume(fmnist_dir, 
   )
 
 
+@pytest.mark.slow
 def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnist_dir, tmp_path):
   blocker = tmp_path / "cache-is-a-file"
   blocker.write_text("")
@@ -288,6 +269,7 @@ def test_an_unwritable_compilation_cache_is_said_once_and_training_goes_on(fmnis
   assert err.count("note: compilation cache") == 1 and "cannot be written" in err
 
 
+@pytest.mark.slow
 def test_no_compile_cache_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path):
   import jax
   from jax.experimental.compilation_cache import compilation_cache
@@ -305,6 +287,7 @@ def test_no_compile_cache_writes_no_cache_not_even_jaxs_own(fmnist_dir, tmp_path
   assert not (tmp_path / "jax-cache").exists() or not any((tmp_path / "jax-cache").iterdir())
 
 
+@pytest.mark.slow
 def test_api_nnx_gives_the_linen_runs_numbers_and_files(fmnist_dir, tmp_path, norm="ours"):
   # (Flax's BN in the NNX LeNet: same logits as linen's, tests/test_models.py)
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "linen", "--epochs", "2", "--bn", norm))
@@ -320,6 +303,7 @@ def test_api_nnx_gives_the_linen_runs_numbers_and_files(fmnist_dir, tmp_path, no
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "nnx", "--epochs", "3", "--bn", norm, "--resume"))
 
 
+@pytest.mark.slow
 def test_precise_bn_recomputes_the_statistics_before_every_evaluation(fmnist_dir, tmp_path):
   import jax
 
@@ -348,6 +332,7 @@ def test_precise_bn_recomputes_the_statistics_before_every_evaluation(fmnist_dir
 # --- one run identity, one writer, checked checkpoints (issue 17) ------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_file(fmnist_dir, tmp_path):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1"))
   ckpt = tmp_path / "run" / "ours" / "checkpoint.msgpack"
@@ -359,6 +344,7 @@ def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_file(fmnist_dir, 
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_out_is_refused_even_with_overwrite(fmnist_dir, tmp_path):
   out = tmp_path / "run"
   out.mkdir()
@@ -368,6 +354,7 @@ def test_a_second_run_into_the_same_out_is_refused_even_with_overwrite(fmnist_di
   lenet_fmnist.main(cli(fmnist_dir, out, "--epochs", "1"))  # released: the next run goes ahead
 
 
+@pytest.mark.slow
 def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale_lock(fmnist_dir, tmp_path):
   # Cannot finish during the test. Its own compilation cache: a kill mid-write must not leave a torn
   # entry in the suite's shared one.
@@ -383,6 +370,7 @@ def test_a_run_holds_its_out_for_its_whole_life_and_a_killed_one_leaves_no_stale
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "change,pattern",
   [
@@ -399,6 +387,7 @@ def test_resume_with_other_data_or_precise_bn_is_refused(fmnist_dir, tmp_path, c
     lenet_fmnist.main([*cli(data, tmp_path / "run", "--epochs", "2", "--resume"), *extra])
 
 
+@pytest.mark.slow
 def test_leftovers_of_killed_writers_are_cleaned_and_an_unsaved_run_says_to_overwrite(fmnist_dir, tmp_path):
   run = tmp_path / "out" / "ours"
   run.mkdir(parents=True)
@@ -412,6 +401,7 @@ def test_leftovers_of_killed_writers_are_cleaned_and_an_unsaved_run_says_to_over
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "out", "--epochs", "1", "--overwrite"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "n_train,n_test,extra,pattern",
   [
@@ -429,6 +419,7 @@ def test_too_little_data_is_one_error_line_before_training(tmp_path, capsys, n_t
   assert not list((tmp_path / "run").glob("*/checkpoint.msgpack"))
 
 
+@pytest.mark.slow
 def test_a_symlink_loop_as_out_is_named_as_one(tmp_path):
   (tmp_path / "loop").symlink_to(tmp_path / "loop")
   with pytest.raises(SystemExit, match=r"error: --out .*loop is, or passes through, a symlink loop"):
@@ -439,7 +430,6 @@ def test_a_symlink_loop_as_out_is_named_as_one(tmp_path):
 def test_a_file_size_limit_is_one_error_line_naming_the_file(fmnist_dir, tmp_path):
   import subprocess
   import sys
-  from pathlib import Path
 
   # The child limits itself (no preexec_fn: forking this multithreaded process may deadlock); the checkpoint,
   # a few hundred KB, is the first file over 100 KB.
@@ -448,19 +438,19 @@ def test_a_file_size_limit_is_one_error_line_naming_the_file(fmnist_dir, tmp_pat
     "sys.argv[0] = 'lenet_fmnist'; runpy.run_module('experiments.lenet_fmnist', run_name='__main__')"
   )
   args = cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--no-compile-cache")
-  result = subprocess.run(
-    [sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
-  )
+  result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
   last = result.stderr.strip().splitlines()[-1]
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert re.fullmatch(r"error: cannot write the run's files \(.*/run/ours/checkpoint\.msgpack\): File too large", last)
 
 
+@pytest.mark.slow
 def test_an_empty_out_is_refused():
   with pytest.raises(SystemExit, match=r"error: --out is empty"):
     lenet_fmnist.main(["--out", ""])
 
 
+@pytest.mark.slow
 def test_an_unknown_checkpoint_format_is_refused(fmnist_dir, tmp_path):
   from flax import serialization
 
@@ -472,6 +462,7 @@ def test_an_unknown_checkpoint_format_is_refused(fmnist_dir, tmp_path):
     lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "2", "--resume"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_first_unchecked_format_resumes_with_a_note_and_is_saved_checked(
   fmnist_dir, tmp_path, capsys
 ):
@@ -534,6 +525,7 @@ def test_help_shows_every_flags_default_and_three_examples():
 # --- several seeds in one program, weight averaging (issue 19) ---------------------------------------
 
 
+@pytest.mark.slow
 def test_seeds_side_by_side_give_each_seeds_own_run_files_and_a_summary(fmnist_dir, tmp_path, capsys):
   # ours-ema covers the moving average and precise BN of the averaged weights too; the multi-seed run is
   # interrupted after epoch 1 and resumed, against single-seed runs straight through.
@@ -602,6 +594,7 @@ def test_seeds_are_parsed_as_ranges_and_lists():
   assert args.seeds == [0] and args.seed == 0
 
 
+@pytest.mark.slow
 def test_resume_with_other_seeds_or_ema_is_refused(fmnist_dir, tmp_path):
   lenet_fmnist.main(cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--seeds", "0-1"))
   with pytest.raises(SystemExit, match=r"error: --resume: .*belongs to a run with --seed \[0, 1\] \(now \[0, 2\]\)"):

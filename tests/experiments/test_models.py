@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import new_state
-from tolerance import assert_trees_close
 
 from experiments.lenet_fmnist.conv import IMPLS, LAYOUTS, Conv, conv2d_valid, native_layout, resolve_impl
-from experiments.lenet_fmnist.models import LeNet, init_lenet
+from experiments.lenet_fmnist.models import LeNet, fold_lenet, init_lenet
+from tests.experiments.helpers import new_state
+from tests.helpers import random_bn
+from tests.tolerance import assert_trees_close
 
 
 def count(tree):
@@ -78,6 +79,7 @@ def test_auto_is_lanes_on_cpu_and_xla_elsewhere():
   assert native_layout("lanes") == "CHWN" and native_layout("im2col") == native_layout("xla") == "NHWC"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["ours", "flax", "none"])
 def test_lenet_computes_the_same_in_every_conv_implementation(rng, norm):
   """Logits, gradients and new running statistics, in training mode with padded (masked) examples."""
@@ -138,6 +140,7 @@ def test_nnx_lenet_has_linen_lenets_variables_and_logits(rng, norm):
   assert_trees_close(model(x), want)
 
 
+@pytest.mark.slow
 def test_nnx_lenet_trained_by_nnx_optimizer_follows_the_linen_run(rng):
   import optax
   from flax import nnx
@@ -166,3 +169,30 @@ def test_nnx_lenet_trained_by_nnx_optimizer_follows_the_linen_run(rng):
     state, metrics = linen_step(state, x, y)
     assert_trees_close(loss, metrics["loss_sum"] / 32, "trajectory")
   assert_trees_close(lenet_from_nnx(model), {"params": state.params, "batch_stats": state.batch_stats}, "trajectory")
+
+
+# --- folding BN LeNet (models.fold_lenet, over bnjax.fold_batch_norm) -----------------------------------
+
+
+@pytest.mark.parametrize("norm", ["ours", "flax"])
+def test_a_folded_lenet_has_the_eval_logits_of_the_bn_lenet(rng, norm):
+  model = LeNet(norm=norm)
+  variables = init_lenet(model, jax.random.key(1))
+  bn_params = {k: dict(v) for k, v in variables["params"].items()}
+  stats = {}
+  for bn in ("bn1", "bn2", "bn3", "bn4"):  # non-trivial statistics, as after training
+    bn_params[bn], stats[bn] = random_bn(rng, variables["batch_stats"][bn]["mean"].shape[0])
+  variables = {"params": bn_params, "batch_stats": stats}
+  x = rng.uniform(0, 1, (16, 28, 28, 1)).astype(np.float32)
+  folded = fold_lenet(variables)
+  assert "batch_stats" not in folded
+  assert jax.tree.structure(folded["params"]) == jax.tree.structure(
+    init_lenet(LeNet(norm="none"), jax.random.key(0))["params"]
+  )
+  assert_trees_close(LeNet(norm="none").apply(folded, x, train=False), model.apply(variables, x, train=False))
+
+
+def test_folding_plain_lenet_variables_is_refused():
+  plain = init_lenet(LeNet(norm="none"), jax.random.key(0))
+  with pytest.raises(ValueError, match="plain LeNet variables, nothing to fold"):
+    fold_lenet(plain)

@@ -1,13 +1,12 @@
 """Data-parallel training gives the one-device numbers: 4 host devices in this process, and 2 processes x 2
 devices on 127.0.0.1 (subprocesses, a free port, bounded by timeouts); faults end in one clear line."""
 
+import functools
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,15 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CPU_DEVICES, make_fmnist_dir, new_state
-from tolerance import assert_close_and_record
 
 from bnjax import sync
 from experiments.lenet_fmnist import train
 from experiments.lenet_fmnist.checkpoint import read_checkpoint
 from experiments.lenet_fmnist.models import LeNet
+from tests.experiments import helpers
+from tests.experiments.helpers import cli_command, host_devices_env, make_fmnist_dir, new_state, start_cli
+from tests.helpers import CPU_DEVICES, ROOT
+from tests.tolerance import assert_close_and_record
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 5, 64
 step_fn = jax.jit(train.train_step, static_argnames="mesh")
 
@@ -63,6 +63,7 @@ def masks_with_a_padded_last_batch():
   return [np.ones(BATCH, bool)] * (STEPS - 1) + [np.arange(BATCH) < 37]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4, 2])
 def test_n_devices_give_the_one_device_numbers(devices):
   images, labels = batches()
@@ -87,6 +88,7 @@ def test_one_all_reduce_per_bn_layer_in_the_forward_pass():
   assert sync.count_all_reduces(step_fn, *args, mesh=mesh) <= 11  # + backward BN, gradients, metrics (README)
 
 
+@pytest.mark.slow
 def test_bn_groups_normalize_each_group_by_its_own_statistics():
   images, labels = batches()
   mesh = make_mesh(4, bn_group_size=2)
@@ -132,18 +134,8 @@ def test_errors_before_any_work():
 # --- the CLI: one process with several devices, two processes ------------------------------------
 
 
-def cli(data_dir, out, *extra):
-  return [
-    "--data-dir",
-    str(data_dir),
-    "--out",
-    str(out),
-    "--allow-partial-data",
-    "--batch-size",
-    str(BATCH),
-    "--no-progress",
-    *extra,
-  ]
+# The CLI's arguments without --devices: every local device unless a test says otherwise.
+cli = functools.partial(helpers.cli, batch_size=BATCH, devices=None)
 
 
 @pytest.fixture
@@ -158,11 +150,11 @@ def checkpoint(run_dir):
 
 def run_cli(*args):
   """The CLI as a process on 4 host CPU devices (JAX_PLATFORMS=cpu: the same on a GPU machine)."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  env = host_devices_env(4)
+  return subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path):
   one = run_cli(*cli(five_step_data, tmp_path / "one", "--epochs", "1", "--devices", "1"))
   four = run_cli(*cli(five_step_data, tmp_path / "four", "--epochs", "1", "--devices", "4"))
@@ -178,6 +170,7 @@ def test_cli_on_four_devices_matches_one_device(five_step_data, tmp_path):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "extra,message",
   [
@@ -198,25 +191,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(data_dir, out, num_processes, *extra, ids=None):
+def launch_processes(data_dir, out, num_processes, *extra, ids=None):
   """Starts the CLI as `num_processes` processes with 2 host devices each; returns the Popen objects."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = host_devices_env(2)
   coordinator = f"127.0.0.1:{free_port()}"
   procs = []
   for i in ids if ids is not None else range(num_processes):
-    cmd = [
-      sys.executable,
-      "-m",
-      "experiments.lenet_fmnist",
-      *cli(data_dir, out, *extra),
-      "--coordinator",
-      coordinator,
-      "--num-processes",
-      str(num_processes),
-      "--process-id",
-      str(i),
-    ]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    args = [*cli(data_dir, out, *extra), "--coordinator", coordinator, "--num-processes", str(num_processes)]
+    procs.append(start_cli([*args, "--process-id", str(i)], env))
   return procs
 
 
@@ -233,11 +215,13 @@ def finish(procs, timeout):
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
   from experiments import lenet_fmnist
 
   lenet_fmnist.main(cli(five_step_data, tmp_path / "one", "--epochs", "2", "--devices", "1"))
-  results = finish(launch(five_step_data, tmp_path / "two", 2, "--epochs", "1", "--timeout", "60"), timeout=240)
+  procs = launch_processes(five_step_data, tmp_path / "two", 2, "--epochs", "1", "--timeout", "60")
+  results = finish(procs, timeout=240)
   for code, _out, err in results:
     assert code == 0, err[-2000:]
   assert "data parallel: 4 devices (1 BN group(s) of 4), 2 process(es)" in results[0][1]
@@ -250,7 +234,7 @@ def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
     "parallel: 2 processes x 2 devices vs 1 device", h2[0]["train_loss"], h1[0]["train_loss"], "trajectory"
   )
   results = finish(
-    launch(five_step_data, tmp_path / "two", 2, "--epochs", "2", "--resume", "--timeout", "60"), timeout=240
+    launch_processes(five_step_data, tmp_path / "two", 2, "--epochs", "2", "--resume", "--timeout", "60"), timeout=240
   )
   for code, _out, err in results:
     assert code == 0, err[-2000:]
@@ -260,9 +244,11 @@ def test_two_processes_match_one_device_and_resume(five_step_data, tmp_path):
   assert [h["epoch"] for h in h2] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_process_that_never_arrives_ends_the_others_in_bounded_time(five_step_data, tmp_path):
   t0 = time.monotonic()
-  ((code, out, err),) = finish(launch(five_step_data, tmp_path / "o", 2, "--timeout", "5", ids=[0]), timeout=120)
+  procs = launch_processes(five_step_data, tmp_path / "o", 2, "--timeout", "5", ids=[0])
+  ((code, out, err),) = finish(procs, timeout=120)
   assert code != 0 and time.monotonic() - t0 < 90
   last = err.strip().splitlines()[-1]
   assert re.match(r"error: process 0 of 2 could not join the coordinator at 127\.0\.0\.1:\d+ within 5 s", last), err[
@@ -271,8 +257,9 @@ def test_a_process_that_never_arrives_ends_the_others_in_bounded_time(five_step_
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp_path):
-  procs = launch(five_step_data, tmp_path / "o", 2, "--epochs", "200", "--timeout", "60")
+  procs = launch_processes(five_step_data, tmp_path / "o", 2, "--epochs", "200", "--timeout", "60")
   try:
     deadline = time.monotonic() + 180
     seen = ""
@@ -293,6 +280,7 @@ def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp
   assert "Traceback" not in err and "Check failure" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "other,said",
   [
@@ -303,7 +291,7 @@ def test_a_process_that_dies_ends_the_others_in_bounded_time(five_step_data, tmp
   ],
 )
 def test_processes_started_with_different_settings_refuse_before_any_work(five_step_data, tmp_path, other, said):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = host_devices_env(2)
   coordinator, procs = f"127.0.0.1:{free_port()}", []
   for i in (0, 1):
     data, extra = five_step_data, []
@@ -311,9 +299,9 @@ def test_processes_started_with_different_settings_refuse_before_any_work(five_s
       data = make_fmnist_dir(tmp_path / "other", n_train=STEPS * BATCH, n_test=100, seed=1)
     elif i == 1:
       extra = other
-    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(data, tmp_path / "o", *extra)]
-    cmd += ["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    args = cli(data, tmp_path / "o", *extra)
+    args += ["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
+    procs.append(start_cli(args, env))
   for code, _out, err in finish(procs, timeout=180):
     assert code == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -331,10 +319,9 @@ def test_processes_with_different_local_device_counts(five_step_data, tmp_path, 
   coordinator, procs = f"127.0.0.1:{free_port()}", []
   extra = ["--devices", devices] if devices else ["--batch-size", "96"]  # (96: divisible by 2 and 3 devices)
   for i, count in ((0, 2), (1, 1)):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "experiments.lenet_fmnist", *cli(five_step_data, tmp_path / "two", "--epochs", "1")]
-    cmd += [*extra, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    args = cli(five_step_data, tmp_path / "two", "--epochs", "1")
+    args += [*extra, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i), "--timeout", "60"]
+    procs.append(start_cli(args, host_devices_env(count)))
   results = finish(procs, timeout=240)
   if devices is None:
     for code, _out, err in results:

@@ -4,17 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_fmnist_dir
-from tolerance import assert_trees_close
 
 from experiments.lenet_fmnist import input_pipeline as data
 from experiments.lenet_fmnist import train
 from experiments.lenet_fmnist.models import LeNet, NNXLeNet, init_lenet
 from experiments.lenet_fmnist.train import Data
-
-
-def new_state(model, key, lr):
-  return train.create_train_state(train.linen_apply(model), init_lenet(model, key), lr)
+from tests.experiments.helpers import make_fmnist_dir, new_state
+from tests.tolerance import assert_trees_close
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +31,7 @@ def run(small, loop, epochs=2, norm="ours", seed=0, lr=0.5):
 
 # The plain sigmoid LeNet needs many epochs before its loss moves at all (the chapter's point), so only
 # the batch-normalized variants are held to learning within a few dozen steps.
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["ours", "flax"])
 def test_loss_falls_and_the_model_learns(small, norm):
   _, history, test = run(small, "auto", epochs=3, norm=norm)
@@ -42,6 +39,7 @@ def test_loss_falls_and_the_model_learns(small, norm):
   assert test["acc"] > 0.5, test
 
 
+@pytest.mark.slow
 def test_step_and_scan_loops_give_the_same_state(small):
   state_step, hist_step, _ = run(small, "step")
   state_scan, hist_scan, _ = run(small, "scan")
@@ -51,6 +49,7 @@ def test_step_and_scan_loops_give_the_same_state(small):
   assert_trees_close([h["loss"] for h in hist_scan], [h["loss"] for h in hist_step], "framework")
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_seed_other_result(small):
   a, _, _ = run(small, "auto", epochs=1)
   b, _, _ = run(small, "auto", epochs=1)
@@ -74,6 +73,7 @@ def test_scan_chunks_are_equal_when_a_divisor_allows():
   assert train.scan_chunks(5, 47) == [5] and train.scan_chunks(0, 47) == []
 
 
+@pytest.mark.slow
 def test_every_example_is_seen_once_per_epoch(small):
   train_data, _ = small
   seen = []
@@ -82,6 +82,7 @@ def test_every_example_is_seen_once_per_epoch(small):
   assert int(m["count"]) == 640 and sum(seen) == len(train.epoch_plan(640, 100))
 
 
+@pytest.mark.slow
 def test_training_updates_running_statistics_and_eval_uses_them(small):
   train_data, test_data = small
   state = new_state(LeNet(), jax.random.key(0), 0.1)
@@ -102,6 +103,7 @@ def test_bad_arguments(small):
     train.train_epoch(state, train_data, jax.random.key(0), 0)
 
 
+@pytest.mark.slow
 def test_brief_training_on_the_real_fashion_mnist():
   """Runs in CI on the Debian package's data (installed by .ci/setup): one epoch at the chapter's settings.
 
@@ -116,6 +118,7 @@ def test_brief_training_on_the_real_fashion_mnist():
   assert tr["loss"] < 1.0 and tr["acc"] > 0.65 and test["acc"] > 0.55, (tr, test)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["ours", "flax"])
 def test_a_padded_masked_batch_gives_the_numbers_of_the_unpadded_one(small, norm):
   train_x, train_y = small[0]
@@ -133,6 +136,7 @@ def test_a_padded_masked_batch_gives_the_numbers_of_the_unpadded_one(small, norm
   assert_trees_close(got["loss_sum"], want["loss_sum"])
 
 
+@pytest.mark.slow
 def test_the_remainder_batch_is_trained_as_a_padded_batch(small):
   # 640 examples in batches of 96: six full batches, then 64 real examples padded to 96.
   train_x, train_y = small[0]
@@ -146,6 +150,7 @@ def test_the_remainder_batch_is_trained_as_a_padded_batch(small):
   assert_trees_close((got.params, got.batch_stats), (want.params, want.batch_stats), "framework")
 
 
+@pytest.mark.slow
 def test_uint8_images_train_exactly_like_their_float_pixels(tmp_path):
   d = make_fmnist_dir(tmp_path, n_train=256, n_test=64)
   floats, raw = (data.load_idx_dir(d, expect_full=False, pixels=p) for p in ("float32", "uint8"))
@@ -168,6 +173,7 @@ def test_evaluation_pads_a_last_partial_batch(small):
 # (norm="none" is left out: late in a long pytest process, XLA:CPU of jax 0.10.2 twice crashed (segfault)
 # compiling that NNX program; alone, and in the CLI, it compiles and matches. Its logits are checked in
 # tests/test_models.py.)
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["ours", "flax"])
 def test_an_nnx_model_trains_in_the_same_loop_with_the_linen_numbers(small, norm):
   from flax import nnx
@@ -206,6 +212,7 @@ def test_nnx_apply_refuses_variables_of_another_model():
 # --- several seeds side by side, weight averaging (issue 19) ----------------------------------------
 
 
+@pytest.mark.slow
 def test_seeds_side_by_side_train_as_their_single_seed_runs(small):
   model = LeNet()
   init = lambda key: init_lenet(model, key)  # noqa: E731
@@ -250,9 +257,8 @@ def test_an_ema_decay_outside_0_1_is_refused(small):
 
 
 def test_several_seeds_do_not_combine_with_a_mesh(small):
-  from conftest import CPU_DEVICES
-
   from bnjax import sync
+  from tests.helpers import CPU_DEVICES
 
   state = new_state(LeNet(), jax.random.key(0), 0.1)
   mesh = sync.make_mesh(2, devices=CPU_DEVICES[:2])
