@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("optax", "tensorflow_datasets", "tensorflow", "matplotlib", "tqdm", "torch", "experiments")
 
@@ -26,10 +24,8 @@ def test_the_nnx_module_brings_only_what_flax_nnx_itself_imports():
 
 
 def test_the_library_declares_jax_flax_numpy_only_and_the_rest_as_extras():
-  if sys.version_info >= (3, 11):
-    import tomllib
-  else:  # Python 3.10 (supported) has no tomllib: the backport when installed, else a visible skip
-    tomllib = pytest.importorskip("tomli", reason="Python 3.10 has no tomllib; pip install tomli to run this check")
+  import tomllib  # (Python >= 3.11, as declared)
+
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   names = {d.split(">")[0].split("=")[0].split("[")[0] for d in project["dependencies"]}
   assert names == {"jax", "flax", "numpy"}
