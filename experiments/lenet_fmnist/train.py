@@ -425,15 +425,15 @@ def train_epoch(
   ``on_progress(n)`` is called with the number of batches just finished; the loop waits for the
   device every ``sync_every`` steps (or every scan chunk) so that progress is real, not dispatched.
   """
-  calls = epoch_calls(data.labels.shape[0], batch_size, loop, scan_chunk)
+  num = data.labels.shape[0]
+  calls = epoch_calls(num, batch_size, loop, scan_chunk)
   check_replicas(mesh, replicated)
   if mesh is not None:
     sync.check_divisible(mesh, batch_size)
-  num = data.labels.shape[0]
   perm, metrics = _epoch_start(key, epoch, num=num, replicated=replicated)
   if mesh is not None:
     perm, metrics = place(jax.device_get((perm, metrics)), mesh)
-  done = pending = 0  # batches dispatched, and dispatched since progress was last reported
+  pending = 0  # batches dispatched since progress was last reported
   for i, (n, start, valid) in enumerate(calls):
     state, metrics = _train_steps(
       state,
@@ -447,7 +447,7 @@ def train_epoch(
       mesh=mesh,
       replicated=replicated,
     )
-    done, pending = done + n, pending + n
+    pending += n
     if on_progress is not None and (n > 1 or pending >= sync_every or i == len(calls) - 1):
       jax.block_until_ready(metrics)
       on_progress(pending)
@@ -507,7 +507,7 @@ def compile_ahead(
     )
   if test_data is not None:
     test_data = jax.tree.map(spec, test_data)
-    size = min(eval_batch_size, max(test_data.labels.shape[0], 1))
+    size = eval_batch_size_for(eval_batch_size, test_data.labels.shape[0], mesh=None)
     lowerings.append(
       functools.partial(_evaluate.lower, state, *test_data, batch_size=size, mesh=None, replicated=replicated)
     )
@@ -550,6 +550,15 @@ def _evaluate(state, images, labels, *, batch_size, mesh, replicated):
   return over_replicas(evaluate_all, replicated, (0, 0))(state.params, state.batch_stats)
 
 
+def eval_batch_size_for(batch_size: int, num: int, mesh: Mesh | None) -> int:
+  """The evaluation batch :func:`evaluate` uses for ``num`` examples: at most the set, and on a mesh a whole
+  number of examples per device."""
+  batch_size = min(batch_size, max(num, 1))
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+  return batch_size
+
+
 def evaluate(
   state: TrainState, data: Data, batch_size: int = 1000, *, mesh: Mesh | None = None, replicated: bool = False
 ) -> Metrics:
@@ -558,7 +567,5 @@ def evaluate(
   if batch_size < 1:
     raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
   check_replicas(mesh, replicated)
-  batch_size = min(batch_size, max(data.labels.shape[0], 1))
-  if mesh is not None:  # a whole number of examples per device
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+  batch_size = eval_batch_size_for(batch_size, data.labels.shape[0], mesh)
   return _evaluate(state, *data, batch_size=batch_size, mesh=mesh, replicated=replicated)

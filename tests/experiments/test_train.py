@@ -1,5 +1,8 @@
 """The chapter's one training loop: learning, determinism, loop drivers, padding, evaluation, NNX."""
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,3 +267,25 @@ def test_several_seeds_do_not_combine_with_a_mesh(small):
   mesh = sync.make_mesh(2, devices=CPU_DEVICES[:2])
   with pytest.raises(ValueError, match=r"`replicated` .* runs on one device; pass `mesh=None`"):
     train.evaluate(state, small[1], mesh=mesh, replicated=True)
+
+
+@pytest.mark.slow
+def test_programs_compiled_ahead_from_the_states_shapes_are_the_ones_the_epoch_and_evaluation_run(small, caplog):
+  train_data, test_data = small
+  model = LeNet(norm="ours")
+  init = functools.partial(init_lenet, model)
+  apply = train.linen_apply(model)
+
+  def create(variables):
+    return train.create_train_state(apply, variables, 0.375)
+
+  shapes = jax.eval_shape(create, train.init_run_shapes(init, 0)[0])
+  for future in train.compile_ahead(shapes, train_data, test_data, 64, scan_chunk=3, eval_batch_size=64):
+    future.result()
+  variables, key = train.init_run(init, 0)
+  state = create(variables)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    state, _ = train.train_epoch(state, train_data, key, 64, epoch=0, scan_chunk=3)
+    jax.block_until_ready(train.evaluate(state, test_data, batch_size=64))
+  compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+  assert compiled == []  # the epoch start, the scan of full batches and the evaluation were all compiled ahead
