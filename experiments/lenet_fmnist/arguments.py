@@ -118,6 +118,11 @@ def check_setup_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
       f"--compile-cache is {args.compile_cache!r}, but should name a directory (an empty one would fill the "
       "current directory); --no-compile-cache turns the cache off"
     )
+  if args.distributed == "auto" and (args.coordinator or args.num_processes != 1 or args.process_id):
+    p.error(
+      "--distributed auto takes the processes from the job's environment: leave out --coordinator, "
+      "--num-processes and --process-id"
+    )
   if args.num_processes > 1 and not args.coordinator:
     p.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address)")
   if args.coordinator and args.num_processes < 2:

@@ -12,6 +12,8 @@ from pathlib import Path
 from experiments.lenet_fmnist.checkpoint import make_writable_dir
 from experiments.lenet_fmnist.config import RunConfig
 
+PROGRAMS = "programs"  # the folder of the cache where whole compiled programs are kept (programs.ProgramStore)
+
 
 @contextlib.contextmanager
 def compile_cache(config: RunConfig):
@@ -48,7 +50,7 @@ def enable_compile_cache(directory: str) -> None:
   path = Path(directory).expanduser()
   try:
     make_writable_dir(path)
-    entries = sum(1 for p in path.iterdir() if not p.name.startswith("."))
+    entries = sum(1 for p in path.iterdir() if not p.name.startswith(".") and p.name != PROGRAMS)
   except OSError as e:
     print(
       f"note: compilation cache {path} cannot be written ({e.strerror or e}); compiling from scratch "
@@ -62,3 +64,16 @@ def enable_compile_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   print(f"compilation cache: {path} ({entries} programs cached; --no-compile-cache to bypass)", file=sys.stderr)
+
+
+def program_store(config: RunConfig, context: str):
+  """The run's store of compiled programs (:class:`programs.ProgramStore`, the folder ``programs`` of the
+  compilation cache) for a model named by ``context``; None with ``--no-compile-cache`` or where the compilation
+  cache cannot be written."""
+  import jax
+
+  from experiments.lenet_fmnist.programs import ProgramStore
+
+  if config.no_compile_cache or not jax.config.jax_enable_compilation_cache:
+    return None
+  return ProgramStore(Path(config.compile_cache).expanduser() / PROGRAMS, context)

@@ -30,6 +30,8 @@ DEFAULT_PRECISE_BATCHES = 100  # for the ours-precise and ours-ema variants when
 # the last steps' noise at lr 1.0, short enough to lag the still-improving weights by half an epoch only.
 DEFAULT_EMA_DECAY = 0.996
 
+DISTRIBUTED = ("flags", "auto")  # how several processes find each other (--distributed)
+
 # The argument groups of --help, in the order --help shows them.
 GROUPS = {
   "training": "training (the chapter's settings by default)",
@@ -250,6 +252,16 @@ class RunConfig:
     type=int,
     metavar="G",
     help="synchronize BN within groups of G devices (default: all devices in one group)",
+  )
+  distributed: str = setting(
+    identity=None,
+    agree=True,
+    group="dist",
+    default="flags",
+    choices=DISTRIBUTED,
+    help="how several processes find each other: flags (--coordinator, --num-processes, --process-id; one process "
+    "without them), or auto (jax.distributed.initialize() reads them from a SLURM, Open MPI or Cloud TPU job's "
+    "environment, e.g. every task of `srun`)",
   )
   coordinator: str | None = setting(
     identity=None,

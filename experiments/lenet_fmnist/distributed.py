@@ -8,6 +8,7 @@ synchronized-BN pieces are :mod:`bnjax.sync`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -66,6 +67,39 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
         f"process {process_id} of {num_processes} could not join the coordinator at {coordinator} "
         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})."
       ) from None
+
+
+def join_from_environment(config: RunConfig) -> RunConfig:
+  """``--distributed auto``: ``jax.distributed.initialize()`` finds the coordinator, the number of processes and
+  this process's index in the job's environment (SLURM, Open MPI, Cloud TPU, ...); returns ``config`` with them.
+
+  Called before anything else of the run, so that only process 0 takes ``--out``'s lock. A process outside such a
+  job, or one that cannot join within ``--timeout``, stops with one ``error:`` line.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices need it; GPUs ignore it
+  timeout_s = config.timeout
+  message = (
+    f"error: --distributed auto: the job's processes did not all join within {timeout_s:.0f} s (--timeout); "
+    "start the same command in every task of the job (e.g. srun ... python -m experiments.lenet_fmnist ...)."
+  )
+  with Watchdog(timeout_s, lambda: message):
+    try:
+      jax.distributed.initialize(
+        initialization_timeout=math.ceil(timeout_s) + 60, heartbeat_timeout_seconds=max(math.ceil(2 * timeout_s), 10)
+      )
+    except ValueError as e:  # JAX found no cluster: "coordinator_address should be defined."
+      raise RunError(
+        f"--distributed auto found no SLURM, Open MPI or Cloud TPU job in this process's environment ({e}). Run "
+        "it in every task of such a job (e.g. srun), or start the processes with --coordinator, --num-processes "
+        "and --process-id."
+      ) from None
+    except Exception as e:  # e.g. the coordinator's port is taken
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+      raise RunError(f"--distributed auto could not join the job's processes ({type(e).__name__}: {first}).") from None
+  joined = dataclasses.replace(config, num_processes=jax.process_count(), process_id=jax.process_index())
+  if joined.num_processes > 1 and len(joined.seeds) > 1:
+    raise RunError(f"--seeds trains its replicas on one device; this job has {joined.num_processes} processes")
+  return joined
 
 
 class Watchdog:
@@ -144,7 +178,8 @@ def setup_devices(config: RunConfig):
   """Joins the other processes and builds the mesh; None for the one-device path. Errors before any work."""
   if config.num_processes > 1:
     try:
-      initialize(config.coordinator, config.num_processes, config.process_id, timeout_s=config.timeout)
+      if config.distributed != "auto":  # (auto joined first of all: distributed.join_from_environment)
+        initialize(config.coordinator, config.num_processes, config.process_id, timeout_s=config.timeout)
     except DistributedError as e:
       raise RunError(str(e)) from None
     if config.process_id:  # only process 0 speaks (the C++ collectives' notes too); errors still go to stderr

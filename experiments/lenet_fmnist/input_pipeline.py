@@ -19,7 +19,6 @@ and says how to get the data, never a half-loaded data set.
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import socket
@@ -73,7 +72,44 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def _open(path: Path):
-  return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+  return _Gunzip(path) if path.suffix == ".gz" else open(path, "rb")
+
+
+class _Gunzip:
+  """A ``.gz`` file read as its decompressed bytes, each ``read`` inflating at most what it asks for in one
+  call of zlib (which releases Python's lock: the data load runs beside the imports; ``gzip.open`` inflates in
+  small pieces, each holding it). Several gzip members are read one after the other, as ``gzip.open`` does."""
+
+  def __init__(self, path: Path):
+    self.compressed = path.read_bytes()
+    self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+  def read(self, size: int) -> bytes:
+    parts, left = [], size
+    while left > 0:
+      data = self.inflate.decompress(self.inflate.unconsumed_tail or self.compressed, left)
+      self.compressed = b""
+      parts.append(data)
+      left -= len(data)
+      if self.inflate.eof:  # the end of a member: the next one, if any, starts in unused_data
+        rest = self.inflate.unused_data.lstrip(b"\0")  # (gzip.open skips zero padding between members too)
+        if not rest:
+          break
+        self.compressed, self.inflate = rest, zlib.decompressobj(16 + zlib.MAX_WBITS)
+      elif not data and not self.inflate.unconsumed_tail:
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+    return b"".join(parts)
+
+  def readinto(self, buffer) -> int:
+    data = self.read(len(buffer))
+    buffer[: len(data)] = data
+    return len(data)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
 
 
 def _unreadable(path: Path, e: Exception) -> DataError:

@@ -89,6 +89,10 @@ def main(argv=None) -> list[dict]:
   progress = Progress()
   try:
     with terminated_as_exception():
+      if config.distributed == "auto":  # first: which process is process 0 comes from the job's environment
+        from experiments.lenet_fmnist.distributed import join_from_environment
+
+        config = join_from_environment(config)
       return run(config, progress)
   except RunError as e:
     raise SystemExit(f"error: {e}") from None

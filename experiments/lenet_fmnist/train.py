@@ -38,6 +38,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from bnjax import sync
+from experiments.lenet_fmnist.programs import ProgramStore, signature
 
 Metrics = dict[str, jax.Array]
 Apply = Callable[..., tuple[jax.Array, Any]]
@@ -105,7 +106,9 @@ def nnx_apply(model: nnx.Module) -> Apply:
   return apply
 
 
-def init_run(init: Callable[[jax.Array], dict], seed: int | list[int]) -> tuple[dict, jax.Array]:
+def init_run(
+  init: Callable[[jax.Array], dict], seed: int | list[int], store: ProgramStore | None = None
+) -> tuple[dict, jax.Array]:
   """``(variables, shuffle_key)`` for a run's ``seed``: the chapter's key split and ``init(init_key)``, in one
   compiled program (the key made from a uint32 seed inside it is the one ``jax.random.key(seed)`` gives).
 
@@ -114,9 +117,19 @@ def init_run(init: Callable[[jax.Array], dict], seed: int | list[int]) -> tuple[
 
   The program runs once per run, so XLA compiles it without its backend optimizations: the same values
   (integer random bits), compiled in about a sixth of the time (threefry's rounds are slow to optimize).
+
+  ``store``: the compiled program is loaded from it when it is there, and saved to it when it is not (the
+  store's context must name ``init``'s model).
   """
   program, arg = _init_program(seed)
-  return _compiled_init(program, init, jax.ShapeDtypeStruct(arg.shape, arg.dtype))(arg)
+  spec = jax.ShapeDtypeStruct(arg.shape, arg.dtype)
+  if store is None:
+    return _compiled_init(program, init, spec)(arg)
+  key = store.key("init", {"replicas": np.shape(arg)}, (spec,))
+  compiled = store.load(key, (spec,), jax.tree.structure(init_run_shapes(init, seed)))
+  if compiled is None:
+    compiled = store.compile(key, program.lower(init, spec), _INIT_OPTIONS)
+  return compiled(arg)
 
 
 def init_run_shapes(init: Callable[[jax.Array], dict], seed: int | list[int]):
@@ -133,7 +146,10 @@ def _init_program(seed):
 
 @functools.lru_cache(maxsize=16)
 def _compiled_init(program, init, arg: jax.ShapeDtypeStruct):
-  return program.lower(init, arg).compile(compiler_options={"xla_backend_optimization_level": 0})
+  return program.lower(init, arg).compile(compiler_options=_INIT_OPTIONS)
+
+
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def _init_one(init, seed):
@@ -306,6 +322,30 @@ def over_replicas(fn: Callable, replicated: bool, in_axes) -> Callable:
   return sequential
 
 
+# (program, static arguments, argument structure and types) -> the future of its jax.stages.Compiled, compiled
+# ahead or loaded from a ProgramStore by compile_ahead. Other calls go through the jitted function itself.
+_PREPARED: dict[tuple, concurrent.futures.Future] = {}
+_MAX_PREPARED = 64
+
+
+def clear_compiled_ahead() -> None:
+  """Forgets the programs :func:`compile_ahead` prepared (as ``jax.clear_caches`` does JAX's own)."""
+  _PREPARED.clear()
+
+
+def _program_key(program: Callable, static: dict, args: tuple) -> tuple:
+  return program, tuple(sorted(static.items())), jax.tree.structure(args), signature(args)
+
+
+def _call(program: Callable, *args, **static):
+  """``program(*args, **static)``, by the program :func:`compile_ahead` prepares for these arguments if any
+  (waiting for it when it is still compiling)."""
+  prepared = _PREPARED.get(_program_key(program, static, args))
+  if prepared is None or prepared.exception() is not None:  # (a failed compilation raises its error below)
+    return program(*args, **static)
+  return prepared.result()(*args)
+
+
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_steps", "mesh", "replicated"), donate_argnums=(0, 1))
 def _train_steps(state, metrics, images, labels, perm, start, valid, *, batch_size, num_steps, mesh, replicated):
   """``num_steps`` consecutive batches of ``perm`` from ``start`` in one program (the last one padded
@@ -430,12 +470,13 @@ def train_epoch(
   check_replicas(mesh, replicated)
   if mesh is not None:
     sync.check_divisible(mesh, batch_size)
-  perm, metrics = _epoch_start(key, epoch, num=num, replicated=replicated)
+  perm, metrics = _call(_epoch_start, key, epoch, num=num, replicated=replicated)
   if mesh is not None:
     perm, metrics = place(jax.device_get((perm, metrics)), mesh)
   pending = 0  # batches dispatched since progress was last reported
   for i, (n, start, valid) in enumerate(calls):
-    state, metrics = _train_steps(
+    state, metrics = _call(
+      _train_steps,
       state,
       metrics,
       *data,
@@ -465,14 +506,16 @@ def compile_ahead(
   scan_chunk: int = 47,
   replicated: bool = False,
   eval_batch_size: int = 1000,
+  store: ProgramStore | None = None,
 ) -> list[concurrent.futures.Future]:
   """Starts compiling every program an epoch and its evaluation run, each in a thread of its own, and
-  returns their futures; later calls of :func:`train_epoch` and :func:`evaluate` with these shapes find
-  them compiled. XLA compiles without holding Python's lock, so the programs compile side by side and
-  beside whatever the caller does meanwhile (initialization, loading, training the first chunks).
+  returns their futures; later calls of :func:`train_epoch` and :func:`evaluate` with these shapes run
+  them. XLA compiles without holding Python's lock, so the programs compile side by side and beside
+  whatever the caller does meanwhile (initialization, loading, training the first chunks).
 
   ``state`` may be abstract (``jax.eval_shape`` of the state-making function): nothing is computed. One
-  device only (a mesh's programs compile on first use).
+  device only (a mesh's programs compile on first use). ``store``: programs found in it are loaded instead
+  of traced and compiled, and the others are saved to it (its context must name the state's model).
   """
 
   def spec(a):
@@ -487,32 +530,34 @@ def compile_ahead(
   perm, metrics = jax.eval_shape(functools.partial(_epoch_start, num=num, replicated=replicated), key, epoch)
   perm, metrics = jax.tree.map(spec, (perm, metrics))
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  lowerings = [functools.partial(_epoch_start.lower, key, epoch, num=num, replicated=replicated)]
+  # (program, arguments, static arguments, the structure of its result)
+  programs = [(_epoch_start, (key, epoch), dict(num=num, replicated=replicated), (perm, metrics))]
   shapes = {(n, valid is None) for n, _, valid in epoch_calls(num, batch_size, loop, scan_chunk)}
   for n, full in sorted(shapes):
-    lowerings.append(
-      functools.partial(
-        _train_steps.lower,
-        state,
-        metrics,
-        *train_data,
-        perm,
-        scalar,
-        None if full else scalar,
-        batch_size=batch_size,
-        num_steps=n,
-        mesh=None,
-        replicated=replicated,
-      )
-    )
+    args = (state, metrics, *train_data, perm, scalar, None if full else scalar)
+    static = dict(batch_size=batch_size, num_steps=n, mesh=None, replicated=replicated)
+    programs.append((_train_steps, args, static, (state, metrics)))
   if test_data is not None:
     test_data = jax.tree.map(spec, test_data)
     size = eval_batch_size_for(eval_batch_size, test_data.labels.shape[0], mesh=None)
-    lowerings.append(
-      functools.partial(_evaluate.lower, state, *test_data, batch_size=size, mesh=None, replicated=replicated)
-    )
-  pool = concurrent.futures.ThreadPoolExecutor(len(lowerings), thread_name_prefix="compile-ahead")
-  futures = [pool.submit(lambda lower: lower().compile(), lower) for lower in lowerings]
+    static = dict(batch_size=size, mesh=None, replicated=replicated)
+    programs.append((_evaluate, (state, *test_data), static, metrics))
+
+  def prepare(program, args, static, result):
+    key = store and store.key(program.__name__, static, args)
+    compiled = store and store.load(key, args, jax.tree.structure(result))
+    if compiled is None:
+      lowered = program.lower(*args, **static)
+      compiled = store.compile(key, lowered) if store else lowered.compile()
+    return compiled
+
+  pool = concurrent.futures.ThreadPoolExecutor(len(programs), thread_name_prefix="compile-ahead")
+  futures = []
+  for program, args, static, result in programs:
+    futures.append(pool.submit(prepare, program, args, static, result))
+    while len(_PREPARED) >= _MAX_PREPARED:
+      _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[_program_key(program, static, args)] = futures[-1]
   pool.shutdown(wait=False)
   return futures
 
@@ -568,4 +613,4 @@ def evaluate(
     raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
   check_replicas(mesh, replicated)
   batch_size = eval_batch_size_for(batch_size, data.labels.shape[0], mesh)
-  return _evaluate(state, *data, batch_size=batch_size, mesh=mesh, replicated=replicated)
+  return _call(_evaluate, state, *data, batch_size=batch_size, mesh=mesh, replicated=replicated)

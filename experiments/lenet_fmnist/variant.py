@@ -31,6 +31,7 @@ from experiments.lenet_fmnist.checkpoint import (
   run_config,
   save_checkpoint,
 )
+from experiments.lenet_fmnist.compile_cache import program_store
 from experiments.lenet_fmnist.config import RunConfig
 from experiments.lenet_fmnist.distributed import barrier
 from experiments.lenet_fmnist.evaluation import ema_decay, precise_batches, state_to_evaluate
@@ -68,6 +69,7 @@ class Variant(NamedTuple):
   ema: float  # the decay of the weights' moving average evaluated (0: the weights themselves)
   label: str  # report.label
   identity: dict  # checkpoint.run_config: what --resume compares
+  programs: Any  # programs.ProgramStore of its compiled programs on one device, or None (see make_variant)
 
 
 def build_model(norm: str, config: RunConfig, axis_name: str | None) -> Model:
@@ -103,7 +105,11 @@ def make_variant(norm: str, run: Run, out: Path, build: Callable = build_model) 
   identity = run_config(
     config, bn=norm, precise_bn=precise, ema=ema, data=run.fingerprint, bn_group_examples=group_examples
   )
-  return Variant(norm, out, model, precise, ema, label, identity)
+  # Compiled programs are stored for this experiment's own model, whose settings name them; a model from another
+  # `build` may differ in ways these settings do not say, so its programs are traced every run.
+  settings = dict(norm=norm, api=config.api, conv_impl=config.conv_impl, precision=config.precision, lr=config.lr)
+  programs = program_store(config, repr(sorted({**settings, "ema": ema}.items()))) if build is build_model else None
+  return Variant(norm, out, model, precise, ema, label, identity, programs)
 
 
 def clear_run_files(out: Path) -> None:
@@ -114,13 +120,19 @@ def clear_run_files(out: Path) -> None:
     shutil.rmtree(per_seed)
 
 
-def compile_ahead(state, run: Run) -> None:
+def compile_ahead(state, variant: Variant, run: Run) -> None:
   """One device: the epoch's and the evaluation's programs compile side by side (``state`` may be shapes)."""
   if run.mesh is None:
     train_data, test_data = run.data
     config = run.config
     train.compile_ahead(
-      state, train_data, test_data, config.batch_size, loop=config.loop, replicated=len(config.seeds) > 1
+      state,
+      train_data,
+      test_data,
+      config.batch_size,
+      loop=config.loop,
+      replicated=len(config.seeds) > 1,
+      store=variant.programs,
     )
 
 
@@ -137,8 +149,9 @@ def new_state(variant: Variant, run: Run):
     )
 
   if not config.resume:
-    compile_ahead(jax.eval_shape(create, train.init_run_shapes(variant.model.init, seed)[0]), run)
-  variables, shuffle_key = train.init_run(variant.model.init, seed)
+    compile_ahead(jax.eval_shape(create, train.init_run_shapes(variant.model.init, seed)[0]), variant, run)
+  store = variant.programs if run.mesh is None else None
+  variables, shuffle_key = train.init_run(variant.model.init, seed, store)
   return create(variables), shuffle_key
 
 
@@ -324,6 +337,6 @@ def run_variant(norm: str, run: Run, out: Path, build: Callable = build_model) -
   if start_epoch >= run.config.epochs:
     return nothing_to_do(variant, run.config, start_epoch, history, state), history
   if run.config.resume:  # (now that there is an epoch left to train)
-    compile_ahead(state, run)
+    compile_ahead(state, variant, run)
   state, history = train_epochs(variant, run, train.place(state, run.mesh), shuffle_key, start_epoch, history)
   return finish(variant, run, state, history), history

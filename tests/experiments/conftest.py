@@ -9,3 +9,12 @@ from tests.experiments.helpers import make_fmnist_dir
 def fmnist_dir(tmp_path):
   """A directory of small synthetic Fashion-MNIST IDX files (gzipped)."""
   return make_fmnist_dir(tmp_path / "fmnist")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_programs_compiled_ahead():
+  """Frees the programs the training loop compiled ahead, with JAX's own (tests/conftest.py)."""
+  yield
+  from experiments.lenet_fmnist import train
+
+  train.clear_compiled_ahead()

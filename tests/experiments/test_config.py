@@ -21,7 +21,8 @@ IDENTITY = (
 )
 AGREEMENT = (
   "bn", "epochs", "lr", "batch_size", "seed", "ema", "precise_bn", "data_source", "out", "resume", "overwrite",
-  "api", "loop", "conv_impl", "precision", "allow_partial_data", "devices", "bn_group_size", "num_processes",
+  "api", "loop", "conv_impl", "precision", "allow_partial_data", "devices", "bn_group_size", "distributed",
+  "num_processes",
 )  # fmt: skip
 NEITHER = (
   "seeds",

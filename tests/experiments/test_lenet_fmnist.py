@@ -78,6 +78,14 @@ def test_missing_data_exits_with_one_clear_message(tmp_path):
     lenet_fmnist.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
 
 
+def test_distributed_auto_refuses_the_flags_it_replaces(capsys):
+  for flags in (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], ["--process-id", "1"]):
+    with pytest.raises(SystemExit) as exit_info:
+      lenet_fmnist.parse_args(["--distributed", "auto", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: --distributed auto takes the processes from the job's" in err
+
+
 @pytest.mark.parametrize(
   "flag,value",
   [

@@ -338,3 +338,69 @@ def test_processes_with_different_local_device_counts(five_step_data, tmp_path, 
   assert_close_and_record(
     "parallel: 2 processes x 1 device vs 1 device", h2[0]["train_loss"], h1[0]["train_loss"], "trajectory"
   )
+
+
+# --- --distributed auto: the processes of a cluster job, as jax.distributed.initialize() finds them -------------
+
+
+def slurm_job_id() -> int:
+  """A SLURM job id whose coordinator port is free here (JAX takes the port from the id: 61440 + id % 4096)."""
+  for port in np.random.default_rng().permutation(np.arange(61440, 65536)):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+    return int(port) - 61440
+  pytest.fail("no free port in 61440..65535")
+
+
+def slurm_task_env(task: int, tasks: int, job_id: int) -> dict:
+  """The environment `srun --ntasks=<tasks>` gives task `task` of a job on this one node (2 host devices each)."""
+  return {
+    **host_devices_env(2),
+    "SLURM_JOB_ID": str(job_id),
+    "SLURM_STEP_NODELIST": "localhost",
+    "SLURM_NTASKS": str(tasks),
+    "SLURM_PROCID": str(task),
+    "SLURM_LOCALID": str(task),
+  }
+
+
+@pytest.mark.slow
+def test_distributed_auto_joins_a_slurm_jobs_tasks_as_the_flags_join_processes(five_step_data, tmp_path):
+  job = slurm_job_id()
+  auto = [
+    start_cli(
+      [*cli(five_step_data, tmp_path / "auto", "--epochs", "1", "--distributed", "auto")], slurm_task_env(i, 2, job)
+    )
+    for i in range(2)
+  ]
+  results = finish(auto, timeout=240)
+  for code, _out, err in results:
+    assert code == 0, err[-2000:]
+  assert "data parallel: 4 devices (1 BN group(s) of 4), 2 process(es)" in results[0][1]
+  assert "test acc" in results[0][1] and results[1][1] == ""  # task 0 is process 0: it alone prints and writes
+  assert finish(launch_processes(five_step_data, tmp_path / "flags", 2, "--epochs", "1"), timeout=240)[0][0] == 0
+  (auto_state, auto_history), (flags_state, flags_history) = (
+    checkpoint(tmp_path / "auto"),
+    checkpoint(tmp_path / "flags"),
+  )
+  jax.tree.map(np.testing.assert_array_equal, auto_state, flags_state)
+  assert [h["train_loss"] for h in auto_history] == [h["train_loss"] for h in flags_history]
+
+
+@pytest.mark.slow
+def test_distributed_auto_outside_a_cluster_job_is_one_error_line(five_step_data, tmp_path):
+  env = {k: v for k, v in host_devices_env(1).items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
+  result = subprocess.run(
+    cli_command(*cli(five_step_data, tmp_path / "o", "--distributed", "auto")),
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
+  assert "error: --distributed auto found no SLURM, Open MPI or Cloud TPU job" in result.stderr
+  assert not (tmp_path / "o").exists()
