@@ -51,6 +51,7 @@ def enable_compile_cache(directory: str) -> None:
   try:
     make_writable_dir(path)
     entries = sum(1 for p in path.iterdir() if not p.name.startswith(".") and p.name != PROGRAMS)
+    entries += sum(1 for _ in (path / PROGRAMS).glob("*.xla")) if (path / PROGRAMS).is_dir() else 0
   except OSError as e:
     print(
       f"note: compilation cache {path} cannot be written ({e.strerror or e}); compiling from scratch "

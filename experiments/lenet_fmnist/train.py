@@ -44,6 +44,9 @@ Metrics = dict[str, jax.Array]
 Apply = Callable[..., tuple[jax.Array, Any]]
 LOOPS = ("auto", "step", "scan")
 MESH_AXES = (sync.GROUP, sync.DATA)
+# Evaluation's batch: 10,000 test images in 50 batches. On a 2-core CPU, batches of 200-256 evaluated the test set
+# in 190-260 ms against 350 ms for batches of 1000, whose convolution planes (57 MB at conv1) outgrow the caches.
+EVAL_BATCH_SIZE = 200
 
 
 class TrainState(train_state.TrainState):
@@ -505,7 +508,7 @@ def compile_ahead(
   loop: str = "auto",
   scan_chunk: int = 47,
   replicated: bool = False,
-  eval_batch_size: int = 1000,
+  eval_batch_size: int = EVAL_BATCH_SIZE,
   store: ProgramStore | None = None,
 ) -> list[concurrent.futures.Future]:
   """Starts compiling every program an epoch and its evaluation run, each in a thread of its own, and
@@ -605,7 +608,12 @@ def eval_batch_size_for(batch_size: int, num: int, mesh: Mesh | None) -> int:
 
 
 def evaluate(
-  state: TrainState, data: Data, batch_size: int = 1000, *, mesh: Mesh | None = None, replicated: bool = False
+  state: TrainState,
+  data: Data,
+  batch_size: int = EVAL_BATCH_SIZE,
+  *,
+  mesh: Mesh | None = None,
+  replicated: bool = False,
 ) -> Metrics:
   """Metrics in evaluation mode (running statistics), summed on the device by one compiled program
   (per replica when ``replicated``)."""
