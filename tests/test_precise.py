@@ -90,7 +90,7 @@ def test_a_shared_layer_pools_all_its_calls(rng):
   assert_trees_close(out["batch_stats"]["bn"], {"mean": both.mean(0), "var": both.var(0)}, "framework")
 
 
-@pytest.mark.parametrize("norm", ["ours", "flax"])
+@pytest.mark.parametrize("norm", ["ours", pytest.param("flax", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("layout", ["NHWC", "CHWN"])  # features last, or first (LeNet's conv_impl="lanes")
 def test_cnn_statistics_are_the_population_statistics_of_each_layer_input(rng, norm, layout):
   model = TinyCNN(norm=norm, layout=layout)

@@ -46,6 +46,7 @@ def outside_the_checkout_env() -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow  # (a fresh interpreter per document)
 @pytest.mark.parametrize("doc", LIBRARY_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_python_block_runs_outside_the_checkout_with_its_quoted_outputs(doc, tmp_path):
   codes = blocks(doc, "python")

@@ -186,3 +186,13 @@ def test_tfds_offline_fails_at_once_naming_the_host_and_what_to_do(monkeypatch, 
   message = str(e.value)
   assert re.search(r"fashion-mnist\.s3-website\S*, but that name does not resolve here \(Name or service not", message)
   assert "socket.getaddrinfo" in message and "--data-dir" in message and "apt-get install" in message
+
+
+def test_a_gz_file_of_several_members_reads_as_gzip_reads_it(fmnist_dir):
+  # (gzip allows concatenated members, e.g. `cat a.gz b.gz`; the whole-buffer reader goes from one to the next)
+  path = fmnist_dir / "train-images-idx3-ubyte.gz"
+  payload = gzip.open(path).read()
+  path.write_bytes(gzip.compress(payload[:1000]) + gzip.compress(payload[1000:5000]) + gzip.compress(payload[5000:]))
+  assert gzip.open(path).read() == payload
+  images = data.read_idx(path, data.IMAGE_MAGIC)
+  np.testing.assert_array_equal(images.reshape(-1), np.frombuffer(payload[16:], np.uint8))

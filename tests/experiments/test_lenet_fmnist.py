@@ -700,6 +700,7 @@ def test_resume_continues_from_the_checkpoints_weights(fmnist_dir, tmp_path):
   assert kept[1]["train_loss"] != altered[1]["train_loss"]  # epoch 2 trained from each checkpoint's weights
 
 
+@pytest.mark.slow
 def test_the_cli_defaults_are_the_chapters_settings():
   import flax.linen as nn
   import jax

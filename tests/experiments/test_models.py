@@ -57,7 +57,7 @@ def test_xavier_uniform_weights_and_zero_biases():
 
 
 @pytest.mark.parametrize("cin,cout", [(1, 6), (6, 16)])  # LeNet's conv1 and conv2
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=() if i == "lanes" else pytest.mark.slow) for i in IMPLS])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_conv_implementation_in_either_layout_is_flax_conv_with_its_gradients(rng, impl, layout, cin, cout):
   x = rng.standard_normal((4, 12, 12, cin)).astype(np.float32)

@@ -16,6 +16,7 @@ def test_every_relative_link_points_to_a_file_and_heading(doc):
   check_relative_links(doc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", blocks(EXAMPLE, "python"), ids=lambda c: c.strip().splitlines()[-1][:50])
 def test_the_example_readme_python_blocks_run_from_the_repository_root(code, monkeypatch):
   monkeypatch.chdir(ROOT)  # `experiments` is importable from the repository root, as the example says

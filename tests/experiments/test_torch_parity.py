@@ -54,6 +54,9 @@ VARIANTS = {
   "nn.BatchNorm": (chapter.lenet_torch_bn, LeNet(norm="ours", unbiased_running_var=True)),
 }
 
+# The quick subset (pytest -m "not slow") checks the nn.BatchNorm net; the full suite both.
+QUICK_AND_SLOW = [pytest.param(v, marks=() if v == "nn.BatchNorm" else pytest.mark.slow) for v in VARIANTS]
+
 
 def fmnist_like_batch(seed, n=64):
   rng = np.random.default_rng(seed)
@@ -61,7 +64,7 @@ def fmnist_like_batch(seed, n=64):
   return images, rng.integers(0, 10, n).astype(np.int64)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", QUICK_AND_SLOW)
 def test_lenet_logits_match_in_eval_and_train_mode(variant):
   make_net, model = VARIANTS[variant]
   net = chapter.init_like_train_ch6(make_net(), seed=0)
@@ -83,7 +86,7 @@ def test_lenet_logits_match_in_eval_and_train_mode(variant):
   assert_close_and_record(f"LeNet train logits ({variant})", logits, expected_train, "framework")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", QUICK_AND_SLOW)
 def test_lenet_sgd_steps_match(variant):
   """One and then five SGD steps (lr 1.0, as in the chapter): loss, parameters, running statistics."""
   make_net, model = VARIANTS[variant]
