@@ -1,7 +1,6 @@
 """Compiled programs kept on disk (programs.ProgramStore): what names a program, loading instead of compiling,
 the same numbers either way, and nothing stored that would not run."""
 
-import functools
 import logging
 import re
 
@@ -13,10 +12,9 @@ import pytest
 from experiments import lenet_fmnist
 from experiments.lenet_fmnist import input_pipeline as data
 from experiments.lenet_fmnist import programs, train
-from experiments.lenet_fmnist.models import LeNet, init_lenet
 from experiments.lenet_fmnist.programs import ProgramStore
 from experiments.lenet_fmnist.train import Data
-from tests.experiments.helpers import cli, make_fmnist_dir
+from tests.experiments.helpers import cli, lenet_compiled_ahead, make_fmnist_dir
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +49,8 @@ def test_a_programs_key_follows_jaxs_configuration(tmp_path):
     assert store.key("step", {}, args) != low
 
 
-def lenet_programs(small, store, batch_size=64):
-  """LeNet's state and the futures of its epoch's and evaluation's programs, compiled ahead with ``store``."""
-  train_data, test_data = small
-  model = LeNet(norm="ours")
-  init = functools.partial(init_lenet, model)
-  apply = train.linen_apply(model)
-
-  def create(variables):
-    return train.create_train_state(apply, variables, 0.5)
-
-  shapes = jax.eval_shape(create, train.init_run_shapes(init, 0)[0])
-  futures = train.compile_ahead(shapes, train_data, test_data, batch_size, scan_chunk=2, store=store)
-  variables, key = train.init_run(init, 0, store)
-  return create(variables), key, futures
+def lenet_programs(small, store):
+  return lenet_compiled_ahead(*small, 0.5, store=store, scan_chunk=2)
 
 
 def epoch_and_evaluation(state, key, small):

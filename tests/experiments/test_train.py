@@ -1,6 +1,5 @@
 """The chapter's one training loop: learning, determinism, loop drivers, padding, evaluation, NNX."""
 
-import functools
 import logging
 
 import jax
@@ -12,7 +11,7 @@ from experiments.lenet_fmnist import input_pipeline as data
 from experiments.lenet_fmnist import train
 from experiments.lenet_fmnist.models import LeNet, NNXLeNet, init_lenet
 from experiments.lenet_fmnist.train import Data
-from tests.experiments.helpers import make_fmnist_dir, new_state
+from tests.experiments.helpers import lenet_compiled_ahead, make_fmnist_dir, new_state
 from tests.tolerance import assert_trees_close
 
 
@@ -272,18 +271,9 @@ def test_several_seeds_do_not_combine_with_a_mesh(small):
 @pytest.mark.slow
 def test_programs_compiled_ahead_from_the_states_shapes_are_the_ones_the_epoch_and_evaluation_run(small, caplog):
   train_data, test_data = small
-  model = LeNet(norm="ours")
-  init = functools.partial(init_lenet, model)
-  apply = train.linen_apply(model)
-
-  def create(variables):
-    return train.create_train_state(apply, variables, 0.375)
-
-  shapes = jax.eval_shape(create, train.init_run_shapes(init, 0)[0])
-  for future in train.compile_ahead(shapes, train_data, test_data, 64, scan_chunk=3, eval_batch_size=64):
+  state, key, futures = lenet_compiled_ahead(train_data, test_data, 0.375, scan_chunk=3, eval_batch_size=64)
+  for future in futures:
     future.result()
-  variables, key = train.init_run(init, 0)
-  state = create(variables)
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     state, _ = train.train_epoch(state, train_data, key, 64, epoch=0, scan_chunk=3)
     jax.block_until_ready(train.evaluate(state, test_data, batch_size=64))
