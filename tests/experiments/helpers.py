@@ -90,8 +90,18 @@ def cli(data_dir, out, *extra, batch_size=64, devices="1"):
   ]
 
 
-def cli_command(*args):
-  """The command line that runs the CLI as a process (from the repository root)."""
+def cli_command(*args, ctrl_c=False):
+  """The command line that runs the CLI as a process (from the repository root).
+
+  ``ctrl_c``: with Python's own Ctrl-C handler even where the suite runs as a background job (`cmd &`, nohup),
+  whose children start with SIGINT ignored and so would never see a Ctrl-C a test sends.
+  """
+  if ctrl_c:
+    start = (
+      "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+      "sys.argv[0] = 'lenet_fmnist'; runpy.run_module('experiments.lenet_fmnist', run_name='__main__')"
+    )
+    return [sys.executable, "-c", start, *args]
   return [sys.executable, "-m", "experiments.lenet_fmnist", *args]
 
 
@@ -100,14 +110,15 @@ def host_devices_env(count):
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
 
 
-def start_cli(args, env):
+def start_cli(args, env, ctrl_c=False):
   """The CLI started as a process from the repository root, its output piped; returns the Popen object."""
   return subprocess.Popen(
-    cli_command(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    cli_command(*args, ctrl_c=ctrl_c), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
 
 
-def launch(fmnist_dir, out, *extra, cache=None):
-  """Starts one CLI process (one device, its output unbuffered) on ``fmnist_dir``; ``cache``: its compilation cache."""
+def launch(fmnist_dir, out, *extra, cache=None, ctrl_c=False):
+  """Starts one CLI process (one device, its output unbuffered) on ``fmnist_dir``; ``cache``: its compilation cache;
+  ``ctrl_c``: see :func:`cli_command`."""
   args = cli(fmnist_dir, out, *extra) + (["--compile-cache", str(cache)] if cache else [])
-  return start_cli(args, {**os.environ, "PYTHONUNBUFFERED": "1"})
+  return start_cli(args, {**os.environ, "PYTHONUNBUFFERED": "1"}, ctrl_c=ctrl_c)

@@ -251,7 +251,7 @@ def test_ctrl_c_or_sigterm_exits_with_one_line_saying_how_to_resume(fmnist_dir, 
   import signal
 
   # So many epochs that the run cannot end before the signal, however fast the machine.
-  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000", cache=tmp_path / "cache")
+  proc = launch(fmnist_dir, tmp_path / "run", "--epochs", "1000000", cache=tmp_path / "cache", ctrl_c=True)
   wait_for_epoch_line(proc, 2)  # so that epoch 1 is saved
   proc.send_signal(getattr(signal, signame))
   _, err = proc.communicate(timeout=60)
