@@ -71,6 +71,9 @@ def _find(directory: Path, stem: str) -> Path:
   raise DataError(f"Fashion-MNIST file {stem}(.gz) is missing in {directory}. {HOW_TO_GET}")
 
 
+MAX_GZIP_MEMBERS = 64  # Fashion-MNIST's files have one; a concatenation of a few is read as gzip.open reads it
+
+
 def _open(path: Path):
   return _Gunzip(path) if path.suffix == ".gz" else open(path, "rb")
 
@@ -83,6 +86,7 @@ class _Gunzip:
   def __init__(self, path: Path):
     self.compressed = path.read_bytes()
     self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    self.members = 1
 
   def read(self, size: int) -> bytes:
     parts, left = [], size
@@ -95,6 +99,9 @@ class _Gunzip:
         rest = self.inflate.unused_data.lstrip(b"\0")  # (gzip.open skips zero padding between members too)
         if not rest:
           break
+        self.members += 1
+        if self.members > MAX_GZIP_MEMBERS:  # (each member copies the rest of the file: bound the work)
+          raise EOFError(f"more than {MAX_GZIP_MEMBERS} gzip members")
         self.compressed, self.inflate = rest, zlib.decompressobj(16 + zlib.MAX_WBITS)
       elif not data and not self.inflate.unconsumed_tail:
         raise EOFError("Compressed file ended before the end-of-stream marker was reached")

@@ -47,6 +47,7 @@ class ProgramStore:
   def __init__(self, directory: Path, context: str):
     self.directory = Path(directory)
     self.context = context
+    self._trusted: bool | None = None  # (see trusted: checked once)
 
   def key(self, name: str, static: dict, args) -> str:
     """The file name of program ``name`` called with ``args`` (arrays or shapes) and ``static`` arguments."""
@@ -57,6 +58,8 @@ class ProgramStore:
     """The program stored under ``key``, callable as ``program(*args)`` and returning ``out_tree``'s structure;
     None when there is none, or when it cannot be loaded (the file is then removed: it is compiled again)."""
     path = self.directory / key
+    if not path.is_file() or not self.trusted():
+      return None
     try:
       payload = path.read_bytes()
     except OSError:
@@ -79,12 +82,30 @@ class ProgramStore:
       self.save(key, compiled)
     return compiled
 
+  def trusted(self) -> bool:
+    """Whether programs may be loaded from the folder: loading one unpickles it, which can run any code, so the
+    folder and every file in it must be this user's and writable by nobody else (a shared cache is not used;
+    a note says so once)."""
+    if self._trusted is None:
+      paths = [self.directory, *self.directory.glob("*" + SUFFIX)] if self.directory.is_dir() else []
+      mine = all(_private(p) for p in paths)
+      if paths and not mine:
+        print(
+          f"note: {self.directory} (or a file in it) is not this user's alone; its compiled programs are not "
+          "loaded (loading one runs code from it), every program is compiled",
+          file=sys.stderr,
+        )
+      self._trusted = mine
+    return self._trusted
+
   def save(self, key: str, compiled: jax.stages.Compiled) -> None:
-    """Stores ``compiled`` under ``key`` (written to a temporary name and renamed: never half a file). A program
-    that cannot be serialized or written is simply not stored."""
+    """Stores ``compiled`` under ``key`` (written to a temporary name and renamed: never half a file), in a folder
+    only this user can write. A program that cannot be serialized or written is simply not stored."""
     try:
+      self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+      if not self.trusted():
+        return
       payload, _, _ = serialize_executable.serialize(compiled)
-      self.directory.mkdir(parents=True, exist_ok=True)
       tmp = self.directory / f".{key}.{os.getpid()}.tmp"
       tmp.write_bytes(payload)
       tmp.replace(self.directory / key)
@@ -105,6 +126,12 @@ def _cache_hits() -> int:
 
 
 jax.monitoring.register_event_listener(_count_cache_hits)
+
+
+def _private(path: Path) -> bool:
+  """Owned by this user and writable by nobody else."""
+  info = path.stat()
+  return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def in_tree(args):
@@ -129,8 +156,14 @@ def environment() -> str:
   """What, besides the model's settings and the arguments, determines a compiled program: the sources it is
   traced from, the packages' versions, the device (and the CPU it is compiled for), JAX's configuration (read
   at every call: a program may change it) and ``XLA_FLAGS``."""
+  return "\n".join([_installation(), jax_settings()])
+
+
+def jax_settings() -> str:
+  """JAX's configuration as this thread sees it (a ``with jax.default_matmul_precision(...)`` included) and
+  ``XLA_FLAGS``: what, besides the code and the arguments, a traced program depends on."""
   config = {k: v for k, v in jax.config.values.items() if not any(word in k for word in _NOT_IN_PROGRAMS)}
-  return "\n".join([_installation(), os.environ.get("XLA_FLAGS", ""), repr(sorted(config.items(), key=str))])
+  return "\n".join([os.environ.get("XLA_FLAGS", ""), repr(sorted(config.items(), key=str))])
 
 
 # Settings of JAX that say what to log or cache, not what to compute.

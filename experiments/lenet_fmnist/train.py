@@ -38,7 +38,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from bnjax import sync
-from experiments.lenet_fmnist.programs import ProgramStore, signature
+from experiments.lenet_fmnist.programs import ProgramStore, jax_settings, signature
 
 Metrics = dict[str, jax.Array]
 Apply = Callable[..., tuple[jax.Array, Any]]
@@ -337,7 +337,8 @@ def clear_compiled_ahead() -> None:
 
 
 def _program_key(program: Callable, static: dict, args: tuple) -> tuple:
-  return program, tuple(sorted(static.items())), jax.tree.structure(args), signature(args)
+  # (JAX's settings too: a call under e.g. jax.default_matmul_precision(...) is not the program prepared without it)
+  return program, tuple(sorted(static.items())), jax.tree.structure(args), signature(args), jax_settings()
 
 
 def _call(program: Callable, *args, **static):
@@ -511,10 +512,10 @@ def compile_ahead(
   eval_batch_size: int = EVAL_BATCH_SIZE,
   store: ProgramStore | None = None,
 ) -> list[concurrent.futures.Future]:
-  """Starts compiling every program an epoch and its evaluation run, each in a thread of its own, and
-  returns their futures; later calls of :func:`train_epoch` and :func:`evaluate` with these shapes run
-  them. XLA compiles without holding Python's lock, so the programs compile side by side and beside
-  whatever the caller does meanwhile (initialization, loading, training the first chunks).
+  """Traces every program an epoch and its evaluation run and compiles each in a thread of its own; returns
+  their futures. Later calls of :func:`train_epoch` and :func:`evaluate` with these shapes (and the same JAX
+  settings) run them. XLA compiles without holding Python's lock, so the programs compile side by side and
+  beside whatever the caller does meanwhile (initialization, loading, training the first chunks).
 
   ``state`` may be abstract (``jax.eval_shape`` of the state-making function): nothing is computed. One
   device only (a mesh's programs compile on first use). ``store``: programs found in it are loaded instead
@@ -546,18 +547,19 @@ def compile_ahead(
     static = dict(batch_size=size, mesh=None, replicated=replicated)
     programs.append((_evaluate, (state, *test_data), static, metrics))
 
-  def prepare(program, args, static, result):
-    key = store and store.key(program.__name__, static, args)
-    compiled = store and store.load(key, args, jax.tree.structure(result))
-    if compiled is None:
-      lowered = program.lower(*args, **static)
-      compiled = store.compile(key, lowered) if store else lowered.compile()
-    return compiled
-
   pool = concurrent.futures.ThreadPoolExecutor(len(programs), thread_name_prefix="compile-ahead")
   futures = []
   for program, args, static, result in programs:
-    futures.append(pool.submit(prepare, program, args, static, result))
+    # Keys, loads and tracing happen here, in the caller's thread under its JAX settings; only XLA's compilation
+    # (which releases Python's lock) runs in the threads, each program's as soon as it is traced.
+    key = store.key(program.__name__, static, args) if store else None
+    compiled = store.load(key, args, jax.tree.structure(result)) if store else None
+    if compiled is not None:
+      futures.append(concurrent.futures.Future())
+      futures[-1].set_result(compiled)
+    else:
+      lowered = program.lower(*args, **static)
+      futures.append(pool.submit(store.compile, key, lowered) if store else pool.submit(lowered.compile))
     while len(_PREPARED) >= _MAX_PREPARED:
       _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[_program_key(program, static, args)] = futures[-1]

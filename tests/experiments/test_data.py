@@ -196,3 +196,12 @@ def test_a_gz_file_of_several_members_reads_as_gzip_reads_it(fmnist_dir):
   assert gzip.open(path).read() == payload
   images = data.read_idx(path, data.IMAGE_MAGIC)
   np.testing.assert_array_equal(images.reshape(-1), np.frombuffer(payload[16:], np.uint8))
+
+
+def test_a_gz_file_of_very_many_members_is_refused(fmnist_dir):
+  path = fmnist_dir / "train-labels-idx1-ubyte.gz"
+  payload = gzip.open(path).read()
+  path.write_bytes(b"".join(gzip.compress(payload[i : i + 8]) for i in range(0, len(payload), 8)))
+  assert len(payload) // 8 > data.MAX_GZIP_MEMBERS
+  with pytest.raises(data.DataError, match=r"cannot be read \(EOFError: more than 64 gzip members\)"):
+    data.load_idx_dir(fmnist_dir, expect_full=False)

@@ -2,7 +2,9 @@
 the same numbers either way, and nothing stored that would not run."""
 
 import logging
+import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,8 @@ from experiments.lenet_fmnist import input_pipeline as data
 from experiments.lenet_fmnist import programs, train
 from experiments.lenet_fmnist.programs import ProgramStore
 from experiments.lenet_fmnist.train import Data
-from tests.experiments.helpers import cli, lenet_compiled_ahead, make_fmnist_dir
+from tests.experiments.helpers import cli, cli_command, lenet_compiled_ahead, make_fmnist_dir
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,9 @@ def epoch_and_evaluation(state, key, small):
 
 
 @pytest.mark.slow
-def test_stored_programs_load_without_compiling_and_give_the_compiled_programs_numbers(small, tmp_path, caplog):
+def test_stored_programs_load_without_compiling_and_give_the_compiled_programs_numbers(
+  small, tmp_path, caplog, monkeypatch
+):
   train.clear_compiled_ahead()
   state, key, futures = lenet_programs(small, ProgramStore(tmp_path, "lenet ours"))
   [f.result() for f in futures]
@@ -69,10 +74,13 @@ def test_stored_programs_load_without_compiling_and_give_the_compiled_programs_n
   compiled = epoch_and_evaluation(state, key, small)
 
   train.clear_compiled_ahead()  # as a new run starts: nothing prepared in memory
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+  compiled_again = []
+  monkeypatch.setattr(ProgramStore, "compile", lambda self, *a, **k: compiled_again.append(a))
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):  # (log_compiles: this thread's compilations)
     state, key, futures = lenet_programs(small, ProgramStore(tmp_path, "lenet ours"))
     [f.result() for f in futures]
     loaded = epoch_and_evaluation(state, key, small)
+  assert compiled_again == []  # every program of the store loaded, none traced and compiled again
   assert not [r for r in caplog.records if "Finished XLA compilation of jit(_" in r.getMessage()]
   assert sorted(p.name for p in tmp_path.iterdir()) == stored
 
@@ -124,15 +132,20 @@ def test_a_program_jax_loaded_from_its_own_cache_is_used_but_not_stored(tmp_path
 
 
 @pytest.mark.slow
-def test_a_second_run_loads_its_programs_and_prints_the_same_lines(fmnist_dir, tmp_path, capsys):
+def test_a_second_run_loads_its_programs_and_prints_the_same_lines(fmnist_dir, tmp_path):
+  # Two runs, each a process of its own (as a user's): a key that differed from one process to the next would
+  # store the programs anew. (Not main() in this process: the suite's own JAX settings are in the key.)
   cache = tmp_path / "cache"
   args = cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--overwrite", "--compile-cache", str(cache))
-  lenet_fmnist.main(args)
-  first = [line for line in capsys.readouterr().out.splitlines() if "loss" in line]
+
+  def run():
+    done = subprocess.run(cli_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "loss" in line]
+
+  first = run()
   stored = sorted(p.name for p in (cache / "programs").iterdir())
-  train.clear_compiled_ahead()
-  lenet_fmnist.main(args)
-  second = [line for line in capsys.readouterr().out.splitlines() if "loss" in line]
+  second = run()
   assert sorted(p.name for p in (cache / "programs").iterdir()) == stored and len(stored) == 4  # init, epoch start,
   # the scan of full batches (the fixture has no remainder), the evaluation
   timings = re.compile(r"[\d,.]+ ex/s.*")
@@ -146,3 +159,23 @@ def test_no_compile_cache_stores_no_programs(fmnist_dir, tmp_path):
     cli(fmnist_dir, tmp_path / "run", "--epochs", "1", "--compile-cache", str(cache), "--no-compile-cache")
   )
   assert not (cache / "programs").exists()
+
+
+def test_a_call_under_other_jax_settings_does_not_take_the_prepared_program():
+  args = (jnp.zeros(2),)
+  plain = train._program_key(train._evaluate, {"batch_size": 2}, args)
+  with jax.default_matmul_precision("bfloat16"):
+    assert train._program_key(train._evaluate, {"batch_size": 2}, args) != plain
+  assert train._program_key(train._evaluate, {"batch_size": 2}, args) == plain
+
+
+def test_programs_in_a_folder_others_can_write_are_not_loaded(tmp_path, capsys):
+  store = ProgramStore(tmp_path / "programs", "lenet")
+  store.save("k" + programs.SUFFIX, None)  # (not a program: nothing is written, but the folder is made)
+  folder = tmp_path / "programs"
+  assert folder.is_dir() and not folder.stat().st_mode & 0o077  # made for this user alone
+  (folder / ("k" + programs.SUFFIX)).write_bytes(b"anything")
+  os.chmod(folder, 0o777)
+  assert ProgramStore(folder, "lenet").load("k" + programs.SUFFIX, (), None) is None
+  assert "is not this user's alone" in capsys.readouterr().err
+  assert (folder / ("k" + programs.SUFFIX)).read_bytes() == b"anything"  # left alone, not loaded or removed
