@@ -46,27 +46,35 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
   host, _, port = coordinator.rpartition(":")
   if not host or not port.isdigit():
     raise DistributedError(f"--coordinator is {coordinator!r}, but should be HOST:PORT (e.g. 127.0.0.1:12355).")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices need it; GPUs ignore it
   message = (
     f"error: process {process_id} of {num_processes} could not join the coordinator at {coordinator} within "
     f"{timeout_s:.0f} s: not every process arrived. Start all {num_processes} processes with the same --coordinator "
     "and --num-processes, each with its own --process-id, within that time (--timeout)."
   )
-  with Watchdog(timeout_s, lambda: message):
-    try:
-      jax.distributed.initialize(
-        coordinator,
-        num_processes,
-        process_id,
-        initialization_timeout=math.ceil(timeout_s) + 60,
-        # A dead peer is reported by the training watchdog (timeout_s) before the runtime's own check.
-        heartbeat_timeout_seconds=max(math.ceil(2 * timeout_s), 10),
-      )
-    except Exception as e:  # e.g. the coordinator's port is taken
-      raise DistributedError(
-        f"process {process_id} of {num_processes} could not join the coordinator at {coordinator} "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})."
-      ) from None
+  try:
+    _join(timeout_s, message, coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  except Exception as e:  # e.g. the coordinator's port is taken
+    raise DistributedError(
+      f"process {process_id} of {num_processes} could not join the coordinator at {coordinator} ({_first_line(e)})."
+    ) from None
+
+
+def _join(timeout_s: float, stalled: str, **where) -> None:
+  """``jax.distributed.initialize(**where)`` with CPU collectives (gloo), bounded by a watchdog that exits with the
+  line ``stalled`` after ``timeout_s`` seconds (JAX's own deadline would abort with a C++ stack trace)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices need it; GPUs ignore it
+  with Watchdog(timeout_s, lambda: stalled):
+    jax.distributed.initialize(
+      **where,
+      initialization_timeout=math.ceil(timeout_s) + 60,
+      # A dead peer is reported by the training watchdog (timeout_s) before the runtime's own check.
+      heartbeat_timeout_seconds=max(math.ceil(2 * timeout_s), 10),
+    )
+
+
+def _first_line(e: Exception) -> str:
+  """``Type: first line of the message`` (200 characters at most) of an error from JAX's runtime."""
+  return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
 
 def join_from_environment(config: RunConfig) -> RunConfig:
@@ -76,26 +84,20 @@ def join_from_environment(config: RunConfig) -> RunConfig:
   Called before anything else of the run, so that only process 0 takes ``--out``'s lock. A process outside such a
   job, or one that cannot join within ``--timeout``, stops with one ``error:`` line.
   """
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices need it; GPUs ignore it
-  timeout_s = config.timeout
   message = (
-    f"error: --distributed auto: the job's processes did not all join within {timeout_s:.0f} s (--timeout); "
+    f"error: --distributed auto: the job's processes did not all join within {config.timeout:.0f} s (--timeout); "
     "start the same command in every task of the job (e.g. srun ... python -m experiments.lenet_fmnist ...)."
   )
-  with Watchdog(timeout_s, lambda: message):
-    try:
-      jax.distributed.initialize(
-        initialization_timeout=math.ceil(timeout_s) + 60, heartbeat_timeout_seconds=max(math.ceil(2 * timeout_s), 10)
-      )
-    except ValueError as e:  # JAX found no cluster: "coordinator_address should be defined."
-      raise RunError(
-        f"--distributed auto found no SLURM, Open MPI or Cloud TPU job in this process's environment ({e}). Run "
-        "it in every task of such a job (e.g. srun), or start the processes with --coordinator, --num-processes "
-        "and --process-id."
-      ) from None
-    except Exception as e:  # e.g. the coordinator's port is taken
-      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-      raise RunError(f"--distributed auto could not join the job's processes ({type(e).__name__}: {first}).") from None
+  try:
+    _join(config.timeout, message)
+  except ValueError as e:  # JAX found no cluster: "coordinator_address should be defined."
+    raise RunError(
+      f"--distributed auto found no SLURM, Open MPI or Cloud TPU job in this process's environment ({e}). Run "
+      "it in every task of such a job (e.g. srun), or start the processes with --coordinator, --num-processes "
+      "and --process-id."
+    ) from None
+  except Exception as e:  # e.g. the coordinator's port is taken
+    raise RunError(f"--distributed auto could not join the job's processes ({_first_line(e)}).") from None
   joined = dataclasses.replace(config, num_processes=jax.process_count(), process_id=jax.process_index())
   if joined.num_processes > 1 and len(joined.seeds) > 1:
     raise RunError(f"--seeds trains its replicas on one device; this job has {joined.num_processes} processes")

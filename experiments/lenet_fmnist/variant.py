@@ -105,10 +105,11 @@ def make_variant(norm: str, run: Run, out: Path, build: Callable = build_model) 
   identity = run_config(
     config, bn=norm, precise_bn=precise, ema=ema, data=run.fingerprint, bn_group_examples=group_examples
   )
-  # Compiled programs are stored for this experiment's own model, whose settings name them; a model from another
-  # `build` may differ in ways these settings do not say, so its programs are traced every run.
+  # Compiled programs are stored for this experiment's own model on one device, whose settings name them; a model
+  # from another `build` may differ in ways these settings do not say, so its programs are traced every run.
   settings = dict(norm=norm, api=config.api, conv_impl=config.conv_impl, precision=config.precision, lr=config.lr)
-  programs = program_store(config, repr(sorted({**settings, "ema": ema}.items()))) if build is build_model else None
+  stored = build is build_model and mesh is None
+  programs = program_store(config, repr(sorted({**settings, "ema": ema}.items()))) if stored else None
   return Variant(norm, out, model, precise, ema, label, identity, programs)
 
 
@@ -150,8 +151,7 @@ def new_state(variant: Variant, run: Run):
 
   if not config.resume:
     compile_ahead(jax.eval_shape(create, train.init_run_shapes(variant.model.init, seed)[0]), variant, run)
-  store = variant.programs if run.mesh is None else None
-  variables, shuffle_key = train.init_run(variant.model.init, seed, store)
+  variables, shuffle_key = train.init_run(variant.model.init, seed, variant.programs)
   return create(variables), shuffle_key
 
 
