@@ -24,7 +24,7 @@ from flax import nnx
 
 from bnjax import BatchNorm, fold_batch_norm
 from bnjax.nnx import BatchNorm as NNXBatchNorm
-from experiments.lenet_fmnist.conv import Conv, NNXConv, channel_axis, native_layout
+from experiments.lenet_fmnist.conv import Conv, NNXConv, channel_axis, native_layout, swap_batch_and_channels
 
 NORMS = ("ours", "flax", "none")
 PRECISIONS = ("default", "high", "highest")
@@ -38,7 +38,7 @@ XAVIER = nn.initializers.xavier_uniform()
 
 def to_layout(images: jax.Array, layout: str) -> jax.Array:
   """NHWC ``images`` in the convolutional blocks' ``layout`` (``"CHWN"``: the batch on the vector lanes)."""
-  return jnp.transpose(images, (3, 1, 2, 0)) if layout == "CHWN" else images
+  return swap_batch_and_channels(images) if layout == "CHWN" else images
 
 
 def flatten(x: jax.Array, layout: str) -> jax.Array:

@@ -74,6 +74,42 @@ def test_every_conv_implementation_in_either_layout_is_flax_conv_with_its_gradie
   assert_trees_close(to(np.asarray(dx)), want_dx, "framework")
 
 
+@pytest.mark.parametrize("kernel_size,image,cout", [((5, 5), (28, 28), 6), ((3, 2), (7, 9), 4)])
+def test_one_input_channel_lanes_conv_is_xla_conv_with_its_gradients_under_jit_and_vmap(rng, kernel_size, image, cout):
+  """With one input channel "lanes" sums the shifted planes directly and has its own VJP (a row-by-row
+  kernel gradient): values and both gradients are XLA's convolution's, jitted and mapped over a leading axis."""
+  kh, kw = kernel_size
+  x = jnp.asarray(rng.standard_normal((3, 1, *image, 8)).astype(np.float32))  # 3 CHWN batches of 8
+  kernel = jnp.asarray(rng.standard_normal((kh, kw, 1, cout)).astype(np.float32))
+  # Cotangents of a mean loss's size: the kernel gradient sums ~5000 of their products, O(1) in the end.
+  dy = jnp.asarray(0.01 * rng.standard_normal((3, cout, image[0] - kh + 1, image[1] - kw + 1, 8)).astype(np.float32))
+
+  def vjp(impl):
+    def one(x, dy):
+      y, pullback = jax.vjp(lambda x, k: conv2d_valid(x, k, impl, "highest", "CHWN"), x, kernel)
+      return y, pullback(dy)
+
+    return jax.jit(jax.vmap(one))(x, dy)
+
+  assert_trees_close(vjp("lanes"), vjp("xla"), "framework")
+
+
+def test_one_input_channel_lanes_conv_accumulates_half_precision_in_float32(rng):
+  x = rng.uniform(0, 1, (1, 28, 28, 16)).astype(np.float32)  # CHWN
+  kernel = rng.standard_normal((5, 5, 1, 6)).astype(np.float32)
+  half = conv2d_valid(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16), "lanes", layout="CHWN")
+  exact = conv2d_valid(
+    jnp.asarray(x, jnp.bfloat16).astype(jnp.float32),
+    jnp.asarray(kernel, jnp.bfloat16).astype(jnp.float32),
+    "xla",
+    "highest",
+    "CHWN",
+  )
+  assert half.dtype == jnp.bfloat16
+  # One rounding of a float32 sum to bfloat16 (within one bfloat16 unit), not 25 roundings of partial sums.
+  np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact, np.float32), rtol=2**-7, atol=1e-6)
+
+
 def test_auto_is_lanes_on_cpu_and_xla_elsewhere():
   assert resolve_impl("auto") == ("lanes" if jax.default_backend() == "cpu" else "xla")
   assert native_layout("lanes") == "CHWN" and native_layout("im2col") == native_layout("xla") == "NHWC"
