@@ -43,7 +43,7 @@ _NHWC_TO_CHWN = (3, 1, 2, 0)  # (its own inverse)
 def swap_batch_and_channels(x: jax.Array) -> jax.Array:
   """NHWC <-> CHWN (the permutation is its own inverse).
 
-  With one channel this is a 2-D transpose, (N, H*W) <-> (H*W, N), written as one: XLA:CPU then
+  With one channel (or a batch of one) this is a 2-D transpose, (N, H*W) <-> (H*W, N), written as one: XLA:CPU then
   materializes it once, where it fuses a 4-D transpose into each of its consumers (e.g. the 25 shifted
   slices of a 5x5 convolution, each a strided gather of the whole batch).
   """
@@ -74,8 +74,18 @@ def conv2d_valid(
 
   ``precision``: jax's name, or None.
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f"`layout` is {layout!r}, but should be one of {LAYOUTS}.")
+  check_input(x, layout)
+  if kernel.ndim != 4:
+    raise ValueError(f"`kernel` should be HWIO of rank 4, but has shape {tuple(kernel.shape)}.")
+  kh, kw, cin, _ = kernel.shape
+  h, w, channels = x.shape[1], x.shape[2], x.shape[channel_axis(layout)]
+  if channels != cin:
+    raise ValueError(
+      f"`x` ({layout}, shape {tuple(x.shape)}) has {channels} channels, but `kernel` (HWIO, shape "
+      f"{tuple(kernel.shape)}) expects {cin}."
+    )
+  if kh > h or kw > w:
+    raise ValueError(f"`kernel` is {kh}x{kw}, larger than the {h}x{w} images of `x` (shape {tuple(x.shape)}).")
   impl = resolve_impl(impl)
   if native_layout(impl) != layout:  # transpose to the formulation's own layout and back
     own = conv2d_valid(swap_batch_and_channels(x), kernel, impl, precision, native_layout(impl))
@@ -196,7 +206,12 @@ def _kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, precision) ->
 def _conv_direct(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
   """CHWN convolution as :func:`_direct_sum`, with the kernel's gradient from :func:`_kernel_grad_by_rows`
   (JAX's own transpose of the sum would be k*k*C_in*C_out separate reductions) and the input's from
-  the planes' product (XLA drops it when, as for images, nothing uses it)."""
+  the planes' product (under ``jit`` XLA drops it when, as for images, nothing uses it).
+
+  Reverse mode only: ``jax.jvp``/``jax.jacfwd`` through it raise (a custom JVP would leave JAX to transpose
+  the sum itself, the slow way above). ``precision`` applies to the gradients' products; the forward
+  sum is exact float32 arithmetic.
+  """
   return _direct_sum(x, kernel)
 
 
@@ -207,7 +222,8 @@ def _conv_direct_fwd(x, kernel, precision):
 def _conv_direct_bwd(precision, residuals, g):
   x, kernel = residuals
   (dx,) = jax.vjp(lambda x: _planes_product(x, kernel, precision), x)[1](g)
-  dk = _kernel_grad_by_rows(x, g.astype(x.dtype), kernel.shape, precision).astype(kernel.dtype)
+  wide = jnp.promote_types(jnp.result_type(x.dtype, g.dtype), jnp.float32)  # as the forward: float32 at least
+  dk = _kernel_grad_by_rows(x.astype(wide), g.astype(wide), kernel.shape, precision).astype(kernel.dtype)
   return dx, dk
 
 

@@ -94,6 +94,55 @@ def test_one_input_channel_lanes_conv_is_xla_conv_with_its_gradients_under_jit_a
   assert_trees_close(vjp("lanes"), vjp("xla"), "framework")
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_one_input_channel_lanes_conv_gradients_eagerly_and_in_mixed_precision(rng, x_dtype):
+  """Not jitted, batch 1, one output channel; a bfloat16 input with a float32 kernel gets float32
+  gradients computed from the float32 cotangent, as JAX's autodiff of XLA's convolution gives them."""
+  x = jnp.asarray(rng.uniform(0, 1, (1, 6, 7, 1)), x_dtype)
+  kernel = jnp.asarray(rng.standard_normal((5, 3, 1, 1)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((1, 2, 5, 1)), jnp.float32)
+
+  def vjp(impl, cast):  # XLA's convolution takes one dtype: the reference casts the input to float32 first
+    y, pullback = jax.vjp(lambda x, k: conv2d_valid(cast(x), k, impl, "highest", "CHWN"), x, kernel)
+    return y, pullback(dy)
+
+  got, want = vjp("lanes", lambda x: x), vjp("xla", lambda x: x.astype(jnp.float32))
+  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+  assert_trees_close(got, want, "framework" if x_dtype == jnp.float32 else "half")
+  assert_trees_close(got[1][1], want[1][1], "framework")  # the kernel's gradient: float32 either way
+
+
+def test_one_input_channel_lanes_conv_gradient_inside_shard_map(rng):
+  """A kernel replicated over a mesh, the batch split: the custom VJP's kernel gradient is summed over
+  the shards (taken outside ``shard_map``, as the training step does, and inside it)."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices("cpu")[:2])
+  x = jnp.asarray(rng.uniform(0, 1, (1, 12, 12, 8)), jnp.float32)  # CHWN, the batch split in two
+  kernel = jnp.asarray(rng.standard_normal((5, 5, 1, 3)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((3, 8, 8, 8)), jnp.float32)
+  split = P(None, None, None, "data")
+  x, dy = (jax.device_put(a, jax.sharding.NamedSharding(mesh, split)) for a in (x, dy))
+  kernel = jax.device_put(kernel, jax.sharding.NamedSharding(mesh, P()))
+
+  def outside(impl):
+    def local(kernel, x, dy):
+      return jax.lax.psum(jnp.vdot(conv2d_valid(x, kernel, impl, "highest", "CHWN"), dy), "data")
+
+    loss = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split), out_specs=P())
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(kernel, x, dy)
+
+  def inside(impl):
+    def local(kernel, x, dy):
+      grad = jax.grad(lambda k: jnp.vdot(conv2d_valid(x, k, impl, "highest", "CHWN"), dy))(kernel)
+      return jax.lax.psum(grad, "data")
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split), out_specs=P()))(kernel, x, dy)
+
+  assert_trees_close(outside("lanes"), outside("xla"), "framework")
+  assert_trees_close(inside("lanes"), inside("xla"), "framework")
+
+
 def test_one_input_channel_lanes_conv_accumulates_half_precision_in_float32(rng):
   x = rng.uniform(0, 1, (1, 28, 28, 16)).astype(np.float32)  # CHWN
   kernel = rng.standard_normal((5, 5, 1, 6)).astype(np.float32)
@@ -147,6 +196,11 @@ def test_lenet_computes_the_same_in_every_conv_implementation(rng, norm):
     (lambda: LeNet().init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False), r"\(N, 28, 28, 1\)"),
     (lambda: conv2d_valid(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), "fft"), r"`impl` is 'fft'"),
     (lambda: conv2d_valid(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), layout="NCHW"), r"`layout` is 'NCHW'"),
+    (
+      lambda: conv2d_valid(jnp.zeros((3, 8, 8, 2)), jnp.zeros((3, 3, 1, 4)), "lanes", layout="CHWN"),
+      r"has 3 channels.*expects 1",
+    ),
+    (lambda: conv2d_valid(jnp.zeros((1, 4, 8, 1)), jnp.zeros((5, 5, 1, 6)), "lanes"), r"5x5, larger than the 4x8"),
   ],
 )
 def test_bad_configuration_is_rejected_clearly(make, pattern):
