@@ -48,8 +48,10 @@ def swap_batch_and_channels(x: jax.Array) -> jax.Array:
   slices of a 5x5 convolution, each a strided gather of the whole batch).
   """
   a, h, w, b = x.shape
-  if a == 1 or b == 1:
-    return x.reshape(a * h * w, b).T.reshape(b, h, w, a) if a == 1 else x.reshape(a, h * w * b).T.reshape(b, h, w, a)
+  if b == 1:  # (a, H*W) -> (H*W, a)
+    return x.reshape(a, h * w).T.reshape(1, h, w, a)
+  if a == 1:  # (H*W, b) -> (b, H*W)
+    return x.reshape(h * w, b).T.reshape(b, h, w, 1)
   return jnp.transpose(x, _NHWC_TO_CHWN)
 
 
@@ -77,7 +79,7 @@ def conv2d_valid(
   check_input(x, layout)
   if kernel.ndim != 4:
     raise ValueError(f"`kernel` should be HWIO of rank 4, but has shape {tuple(kernel.shape)}.")
-  kh, kw, cin, _ = kernel.shape
+  kh, kw, cin, cout = kernel.shape
   h, w, channels = x.shape[1], x.shape[2], x.shape[channel_axis(layout)]
   if channels != cin:
     raise ValueError(
@@ -96,8 +98,7 @@ def conv2d_valid(
     return lax.conv_general_dilated(
       x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
     )
-  kh, kw, cin, cout = kernel.shape
-  n, h, w, _ = x.shape
+  n = x.shape[0]
   ho, wo = h - kh + 1, w - kw + 1
   # Patch features ordered (kh, kw, cin), matching the HWIO kernel's row-major reshape.
   patches = jnp.concatenate([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
@@ -206,7 +207,7 @@ def _kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, precision) ->
 def _conv_direct(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
   """CHWN convolution as :func:`_direct_sum`, with the kernel's gradient from :func:`_kernel_grad_by_rows`
   (JAX's own transpose of the sum would be k*k*C_in*C_out separate reductions) and the input's from
-  the planes' product (under ``jit`` XLA drops it when, as for images, nothing uses it).
+  the planes' product's transpose (XLA drops it under ``jit`` when, as for images, nothing uses it).
 
   Reverse mode only: ``jax.jvp``/``jax.jacfwd`` through it raise (a custom JVP would leave JAX to transpose
   the sum itself, the slow way above). ``precision`` applies to the gradients' products; the forward
@@ -221,7 +222,7 @@ def _conv_direct_fwd(x, kernel, precision):
 
 def _conv_direct_bwd(precision, residuals, g):
   x, kernel = residuals
-  (dx,) = jax.vjp(lambda x: _planes_product(x, kernel, precision), x)[1](g)
+  (dx,) = jax.linear_transpose(lambda x: _planes_product(x, kernel, precision), x)(g)  # (no forward pass)
   wide = jnp.promote_types(jnp.result_type(x.dtype, g.dtype), jnp.float32)  # as the forward: float32 at least
   dk = _kernel_grad_by_rows(x.astype(wide), g.astype(wide), kernel.shape, precision).astype(kernel.dtype)
   return dx, dk
