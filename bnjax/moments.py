@@ -1,4 +1,4 @@
-"""Per-feature batch moments: the stable shifted two-pass form, the fast one-pass form, and their
+"""Per-feature batch moments: the stable shifted form, the fast form, and their
 combination across a mapped axis in one collective.
 """
 
@@ -30,11 +30,14 @@ def local_moments(x, layout: Layout, mask):
 def _shifted_moments(x, layout: Layout, mask):
   """Per-feature (count, m1, mean_d, M2 = sum of squared deviations) of this shard: the mean is ``m1 + mean_d``.
 
-  Shifted two-pass form: a first mean ``m1`` (which may carry float32
-  accumulation error when the data sit far from zero) is refined by the mean of
-  ``d = x - m1``; the variance comes from ``d``, whose values are of the order
-  of the spread, so nothing large is ever squared. This keeps float32 variance
-  accurate for e.g. mean 1e4, std 1, where ``E[x^2] - E[x]^2`` loses all digits.
+  Shifted form: the deviations ``d = x - m1`` from a shift ``m1`` near the mean give the mean's remainder
+  ``mean_d`` and the variance ``E[d^2] - mean_d^2``. The values of ``d`` are of the order of the spread, so
+  nothing large is ever squared: float32 variance stays accurate for e.g. mean 1e4, std 1, where
+  ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of the first slice
+  (:func:`_first_slice_mean`), which reads a sliver of ``x``, so both sums of ``d`` come from one pass over
+  it, as the fast form's do. The cancellation in ``E[d^2] - mean_d^2`` costs a factor
+  ``1 + (m1 - mean)^2 / var`` of float32 precision: about 2 when the slice looks like the rest of the batch.
+  With a mask ``m1`` is the masked mean itself (two passes): any one slice may be all padding.
 
   With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
   count stays 0, so the shard drops out of any combination by counts.
@@ -45,7 +48,7 @@ def _shifted_moments(x, layout: Layout, mask):
   """
   if mask is None:
     count = jnp.asarray(float(layout.count), real_dtype(x.dtype))
-    m1 = lax.stop_gradient(layout.sum(x) / count)
+    m1 = lax.stop_gradient(_first_slice_mean(x, layout))
     d = x - layout.expand(m1)
     mean_d = layout.sum(d) / count
     mean_d2 = layout.sum(_abs2(d)) / count
@@ -60,6 +63,14 @@ def _shifted_moments(x, layout: Layout, mask):
   # Values so large that their squares overflow: the variance is inf (inf - inf would say NaN), as in Flax.
   var = jnp.where(jnp.isinf(mean_d2), mean_d2, jnp.maximum(mean_d2 - _abs2(mean_d), 0.0))
   return count, m1, mean_d, var * count
+
+
+def _first_slice_mean(x, layout: Layout):
+  """Per-feature mean of ``x``'s first slice along its first reduction axis (the first image of NHWC, the first
+  row of every image of CHWN): a shift close to the feature's mean that reads only that slice."""
+  first = lax.index_in_dim(x, 0, layout.reduction_axes[0], keepdims=True)
+  shift = jnp.mean(first, axis=layout.reduction_axes)
+  return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape))
 
 
 def _fast_moments(x, layout: Layout, mask):

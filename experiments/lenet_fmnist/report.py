@@ -78,19 +78,26 @@ def device_name() -> str:
 
 class Figures:
   """Draws and writes the run's figures in a thread of its own, beside training: matplotlib is imported
-  there while the first epoch trains, each figure is drawn while the run goes on, and :meth:`wait` (or the
-  end of the ``with`` block) waits for them and raises what a drawing raised (a full disk, say).
-  ``draw=False`` (processes other than 0) draws nothing and imports nothing."""
+  there once :meth:`prepare` is called (while the first epoch trains), each figure is drawn while the run goes
+  on, and :meth:`wait` (or the end of the ``with`` block) waits for them and raises what a drawing raised (a
+  full disk, say). ``draw=False`` (processes other than 0) draws nothing and imports nothing."""
 
   def __init__(self, draw: bool = True):
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="figures") if draw else None
     self._pending: list[concurrent.futures.Future] = []
-    if self._pool is not None:
+    self._prepared = False
+
+  def prepare(self) -> None:
+    """Starts importing matplotlib in the figures' thread; call it when the main thread waits on the device.
+    (The import is half a second of Python, which would otherwise hold the interpreter while the run starts.)"""
+    if self._pool is not None and not self._prepared:
+      self._prepared = True
       self._pending.append(self._pool.submit(_pyplot))
 
   def draw(self, plot: Callable, histories: dict[str, list[dict]], *args) -> None:
     """``plot(histories, *args)`` in the figures' thread (on a copy of the histories, which the run extends)."""
     if self._pool is not None:
+      self.prepare()
       self._pending.append(self._pool.submit(plot, {k: list(v) for k, v in histories.items()}, *args))
 
   def wait(self) -> None:

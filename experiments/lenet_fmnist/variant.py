@@ -215,6 +215,7 @@ def timed_epoch(state, shuffle_key, epoch: int, run: Run, bar: tqdm, beat: Calla
   def on_progress(n):
     beat()
     bar.update(n)
+    run.figures.prepare()  # (training is under way: the main thread mostly waits on the device now)
 
   t0 = time.perf_counter()
   state, metrics = train.train_epoch(
