@@ -7,11 +7,12 @@ channel counts are too small to fill a CPU's vector lanes. So:
 * ``"lanes"`` puts the batch on the vector lanes: activations laid out (C, H, W, N). The convolution
   is one matrix product of the kernel, (C_out, k*k*C_in), with the k*k*C_in shifted (H', W', N) planes
   stacked along the leading axis: the stack is k*k contiguous block copies, not im2col's gather that
-  interleaves k*k*C_in values per output position, and the product's long axis is H'*W'*N. Its
-  gradients are matrix products of the same planes and a sum of shifted planes. With one input
+  interleaves k*k*C_in values per output position, and the product's long axis is H'*W'*N. The
+  kernel's gradient is a matrix product of the same planes; the input's is taken one kernel row at a
+  time, so that the planes' cotangents are summed into the input while they are in cache. With one input
   channel (LeNet's first layer) the planes would be 25 copies of the images for 25 multiply-adds per
   output: there the output is summed directly from the shifted windows, and the kernel's gradient
-  takes the planes one output row at a time, so that they stay in cache.
+  takes the planes one output row at a time. Both are reverse-mode only (custom VJPs).
 * ``"im2col"`` gathers the k*k shifted windows of NHWC images into a patch matrix (N*H'*W', k*k*C_in)
   and multiplies it by the kernel reshaped to (k*k*C_in, C_out).
 * ``"xla"`` is ``lax.conv_general_dilated``, the right choice on GPUs.
@@ -122,7 +123,7 @@ def _conv_planes(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
   """
   if kernel.shape[2] == 1:
     return _conv_direct(*_vary_alike(x, kernel), precision)
-  return _planes_product(x, kernel, precision)
+  return _conv_by_planes(*_vary_alike(x, kernel), precision)
 
 
 def _vary_alike(*arrays: jax.Array) -> list[jax.Array]:
@@ -148,10 +149,64 @@ def _varying_axes(a: jax.Array) -> frozenset:
 
 
 def _planes_product(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
-  kh, kw, cin, cout = kernel.shape
-  planes = _shifted_planes(x, kh, kw)
-  out = jnp.matmul(kernel.reshape(kh * kw * cin, cout).T, planes.reshape(kh * kw * cin, -1), precision=precision)
+  return _kernel_times_planes(kernel, _shifted_planes(x, *kernel.shape[:2]), precision)
+
+
+def _kernel_times_planes(kernel: jax.Array, planes: jax.Array, precision) -> jax.Array:
+  """(C_out, H', W', N): the HWIO kernel as (C_out, k*k*C_in) times the (k*k*C_in, H', W', N) planes."""
+  cout = kernel.shape[3]
+  out = jnp.matmul(kernel.reshape(-1, cout).T, planes.reshape(planes.shape[0], -1), precision=precision)
   return out.reshape(cout, *planes.shape[1:])
+
+
+def _input_grad_by_kernel_rows(g: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+  """CHWN gradient of :func:`_planes_product`'s input for output cotangent ``g``, one kernel row at a time: the
+  row's k*C_in planes' cotangents (its slice of the kernel, transposed, times ``g``), each shifted to its column
+  and summed into a band of input rows, which is added in place.
+
+  JAX's own transpose writes all k*k*C_in planes' cotangents (9.8 MB for LeNet's second layer at batch 256),
+  then sums k*k shifted ones for every input value; a row's (2 MB) are used while still in cache. Computed in
+  float32 at least, as the forward's products accumulate.
+  """
+  kh, kw, cin, cout = kernel.shape
+  ho, wo = g.shape[1], g.shape[2]
+  dtype = jnp.promote_types(jnp.result_type(g.dtype, kernel.dtype), jnp.float32)
+  rows = kernel.astype(dtype).reshape(kh, kw * cin, cout)
+  g = g.astype(dtype).reshape(cout, -1)
+
+  def band(i):  # (C_in, H', W, N): kernel row i's contribution to input rows i .. i + H' - 1
+    planes = jnp.matmul(rows[i], g, precision=precision).reshape(kw, cin, ho, wo, -1)
+    return sum(jnp.pad(planes[j], ((0, 0), (0, 0), (j, kw - 1 - j), (0, 0))) for j in range(kw))
+
+  def add_band(i, dx):
+    return lax.dynamic_update_slice_in_dim(dx, lax.dynamic_slice_in_dim(dx, i, ho, axis=1) + band(i), i, axis=1)
+
+  # Starting from row 0's band, padded, rather than from zeros: the loop's carry then has the cotangent's type
+  # (inside shard_map, its varying axes).
+  first = jnp.pad(band(0), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
+  return lax.fori_loop(1, kh, add_band, first)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_by_planes(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+  """CHWN convolution as :func:`_planes_product`, with the input's gradient from
+  :func:`_input_grad_by_kernel_rows` (reverse mode only, as :func:`_conv_direct`)."""
+  return _planes_product(x, kernel, precision)
+
+
+def _conv_by_planes_fwd(x, kernel, precision):
+  planes = _shifted_planes(x, *kernel.shape[:2])
+  return _kernel_times_planes(kernel, planes, precision), (planes, kernel)
+
+
+def _conv_by_planes_bwd(precision, residuals, g):
+  planes, kernel = residuals  # (the planes have the input's dtype)
+  dk = jnp.matmul(planes.reshape(planes.shape[0], -1), g.reshape(kernel.shape[3], -1).T, precision=precision)
+  dx = _input_grad_by_kernel_rows(g, kernel, precision)
+  return dx.astype(planes.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_by_planes.defvjp(_conv_by_planes_fwd, _conv_by_planes_bwd)
 
 
 def _direct_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -207,7 +262,7 @@ def _kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, precision) ->
 def _conv_direct(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
   """CHWN convolution as :func:`_direct_sum`, with the kernel's gradient from :func:`_kernel_grad_by_rows`
   (JAX's own transpose of the sum would be k*k*C_in*C_out separate reductions) and the input's from
-  the planes' product's transpose (XLA drops it under ``jit`` when, as for images, nothing uses it).
+  :func:`_input_grad_by_kernel_rows` (XLA drops it under ``jit`` when, as for images, nothing uses it).
 
   Reverse mode only: ``jax.jvp``/``jax.jacfwd`` through it raise (a custom JVP would leave JAX to transpose
   the sum itself, the slow way above). ``precision`` applies to the gradients' products; the forward
@@ -222,7 +277,7 @@ def _conv_direct_fwd(x, kernel, precision):
 
 def _conv_direct_bwd(precision, residuals, g):
   x, kernel = residuals
-  (dx,) = jax.linear_transpose(lambda x: _planes_product(x, kernel, precision), x)(g)  # (no forward pass)
+  dx = _input_grad_by_kernel_rows(g, kernel, precision).astype(x.dtype)
   wide = jnp.promote_types(jnp.result_type(x.dtype, g.dtype), jnp.float32)  # as the forward: float32 at least
   dk = _kernel_grad_by_rows(x.astype(wide), g.astype(wide), kernel.shape, precision).astype(kernel.dtype)
   return dx, dk

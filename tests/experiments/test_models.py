@@ -74,13 +74,15 @@ def test_every_conv_implementation_in_either_layout_is_flax_conv_with_its_gradie
   assert_trees_close(to(np.asarray(dx)), want_dx, "framework")
 
 
+@pytest.mark.parametrize("cin", [1, 3])
 @pytest.mark.parametrize("kernel_size,image,cout", [((5, 5), (28, 28), 6), ((3, 2), (7, 9), 4)])
-def test_one_input_channel_lanes_conv_is_xla_conv_with_its_gradients_under_jit_and_vmap(rng, kernel_size, image, cout):
-  """With one input channel "lanes" sums the shifted planes directly and has its own VJP (a row-by-row
-  kernel gradient): values and both gradients are XLA's convolution's, jitted and mapped over a leading axis."""
+def test_lanes_conv_is_xla_conv_with_its_gradients_under_jit_and_vmap(rng, kernel_size, image, cout, cin):
+  """The "lanes" convolution has VJPs of its own (one input channel: the direct sum, a row-by-row kernel
+  gradient; more: the planes' product, an input gradient by kernel rows): values and both gradients are
+  XLA's convolution's, jitted and mapped over a leading axis."""
   kh, kw = kernel_size
-  x = jnp.asarray(rng.standard_normal((3, 1, *image, 8)).astype(np.float32))  # 3 CHWN batches of 8
-  kernel = jnp.asarray(rng.standard_normal((kh, kw, 1, cout)).astype(np.float32))
+  x = jnp.asarray(rng.standard_normal((3, cin, *image, 8)).astype(np.float32))  # 3 CHWN batches of 8
+  kernel = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)).astype(np.float32))
   # Cotangents of a mean loss's size: the kernel gradient sums ~5000 of their products, O(1) in the end.
   dy = jnp.asarray(0.01 * rng.standard_normal((3, cout, image[0] - kh + 1, image[1] - kw + 1, 8)).astype(np.float32))
 
@@ -94,12 +96,13 @@ def test_one_input_channel_lanes_conv_is_xla_conv_with_its_gradients_under_jit_a
   assert_trees_close(vjp("lanes"), vjp("xla"), "framework")
 
 
+@pytest.mark.parametrize("cin", [1, 2])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
-def test_one_input_channel_lanes_conv_gradients_eagerly_and_in_mixed_precision(rng, x_dtype):
+def test_lanes_conv_gradients_eagerly_and_in_mixed_precision(rng, x_dtype, cin):
   """Not jitted, batch 1, one output channel; a bfloat16 input with a float32 kernel gets float32
   gradients computed from the float32 cotangent, as JAX's autodiff of XLA's convolution gives them."""
-  x = jnp.asarray(rng.uniform(0, 1, (1, 6, 7, 1)), x_dtype)
-  kernel = jnp.asarray(rng.standard_normal((5, 3, 1, 1)), jnp.float32)
+  x = jnp.asarray(rng.uniform(0, 1, (cin, 6, 7, 1)), x_dtype)
+  kernel = jnp.asarray(rng.standard_normal((5, 3, cin, 1)), jnp.float32)
   dy = jnp.asarray(rng.standard_normal((1, 2, 5, 1)), jnp.float32)
 
   def vjp(impl, cast):  # XLA's convolution takes one dtype: the reference casts the input to float32 first
@@ -112,14 +115,15 @@ def test_one_input_channel_lanes_conv_gradients_eagerly_and_in_mixed_precision(r
   assert_trees_close(got[1][1], want[1][1], "framework")  # the kernel's gradient: float32 either way
 
 
-def test_one_input_channel_lanes_conv_gradient_inside_shard_map(rng):
-  """A kernel replicated over a mesh, the batch split: the custom VJP's kernel gradient is summed over
+@pytest.mark.parametrize("cin", [1, 2])
+def test_lanes_conv_gradient_inside_shard_map(rng, cin):
+  """A kernel replicated over a mesh, the batch split: the custom VJPs' kernel gradients are summed over
   the shards (taken outside ``shard_map``, as the training step does, and inside it)."""
   from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices("cpu")[:2])
-  x = jnp.asarray(rng.uniform(0, 1, (1, 12, 12, 8)), jnp.float32)  # CHWN, the batch split in two
-  kernel = jnp.asarray(rng.standard_normal((5, 5, 1, 3)), jnp.float32)
+  x = jnp.asarray(rng.uniform(0, 1, (cin, 12, 12, 8)), jnp.float32)  # CHWN, the batch split in two
+  kernel = jnp.asarray(rng.standard_normal((5, 5, cin, 3)), jnp.float32)
   dy = jnp.asarray(rng.standard_normal((3, 8, 8, 8)), jnp.float32)
   split = P(None, None, None, "data")
   x, dy = (jax.device_put(a, jax.sharding.NamedSharding(mesh, split)) for a in (x, dy))
