@@ -55,13 +55,13 @@ DELIBERATE = (
     "test_nnx_linen_batchnorm_equivalence",
     ("use_fast_variance=False, mask=None",),
     False,
-    "bnjax's two-pass mean is refined by the mean deviation (closer to float64), so its last bit can differ",
+    "bnjax's mean is refined by the mean deviation from a shift (closer to float64), so its last bit can differ",
   ),
   (
     "test_nnx_linen_spectralnorm_equivalence",
     ("(dtype=<class 'jax.numpy.float32'>", "update_stats=True"),  # without an update no variance is computed
     True,
-    "float32 with the default variance: bnjax's default is the stable two-pass variance, Flax's the "
+    "float32 with the default variance: bnjax's default is the stable shifted variance, Flax's the "
     "one-pass one (1-ulp differences; both pass with use_fast_variance=True)",
   ),
 )

@@ -127,7 +127,7 @@ def batch_norm(
       placeholders that carry no gradient. Evaluation ignores the mask. A feature with no valid
       entry at all (over every shard) keeps its running statistics unchanged, and its output in that
       call is ``bias`` (``xhat = 0``) with no gradient to ``x``.
-    use_fast_variance: opt in to ``E[x^2] - E[x]^2`` in one pass; it loses
+    use_fast_variance: opt in to ``E[x^2] - E[x]^2`` (Flax's default); it loses
       precision when ``|mean| >> std``. The default is the stable form.
     unbiased_running_var: update the running variance with the unbiased batch
       variance ``var * n / (n - 1)``, as PyTorch does. Normalization always

@@ -61,7 +61,7 @@ class BatchNorm(Module):
     scale_init: initializer for ``scale``.
     axis_name: mapped axis over which to combine batch statistics.
     axis_index_groups: subgroups of ``axis_name``.
-    use_fast_variance: opt in to the one-pass, less stable variance.
+    use_fast_variance: opt in to ``E[x^2] - E[x]^2``, less stable far from zero.
     force_float32_reductions: compute statistics in at least float32.
     unbiased_running_var: PyTorch-style unbiased running variance update.
     update_stats: whether training calls update the running statistics.

@@ -57,7 +57,7 @@ class BatchNorm(nnx.Module):
     use_bias, use_scale: whether ``bias`` (beta) / ``scale`` (gamma) exist.
     bias_init, scale_init: their initializers (used here, not stored).
     axis_name, axis_index_groups: the mapped axis (and its groups) over which statistics combine.
-    use_fast_variance: opt in to the one-pass variance.
+    use_fast_variance: opt in to ``E[x^2] - E[x]^2``, less stable far from zero.
     promote_dtype: called as Flax calls it, on ``(x, mean, var, scale, bias)`` with ``dtype=``.
     rngs: where the initializers' keys come from.
     bias_metadata, scale_metadata: passed to the ``nnx.Param`` (e.g. sharding annotations).
