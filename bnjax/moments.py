@@ -33,10 +33,10 @@ def _shifted_moments(x, layout: Layout, mask):
   Shifted form: the deviations ``d = x - m1`` from a shift ``m1`` near the mean give the mean's remainder
   ``mean_d`` and the variance ``E[d^2] - mean_d^2``. The values of ``d`` are of the order of the spread, so
   nothing large is ever squared: float32 variance stays accurate for e.g. mean 1e4, std 1, where
-  ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of the first slice
-  (:func:`_first_slice_mean`), which reads a sliver of ``x``, so both sums of ``d`` come from one pass over
-  it, as the fast form's do. The cancellation in ``E[d^2] - mean_d^2`` costs a factor
-  ``1 + (m1 - mean)^2 / var`` of float32 precision: about 2 when the slice looks like the rest of the batch.
+  ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of a sample of ``x``
+  (:func:`_sample_mean`, an eighth of it), so both sums of ``d`` come from one pass over ``x`` (XLA writes ``d``
+  out once for them) and no full pass goes to a first mean. The cancellation in ``E[d^2] - mean_d^2`` costs a
+  factor ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 8 whatever the data, about 1 typically.
   With a mask ``m1`` is the masked mean itself (two passes): any one slice may be all padding.
 
   With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
@@ -48,7 +48,7 @@ def _shifted_moments(x, layout: Layout, mask):
   """
   if mask is None:
     count = jnp.asarray(float(layout.count), real_dtype(x.dtype))
-    m1 = lax.stop_gradient(_first_slice_mean(x, layout))
+    m1 = lax.stop_gradient(_sample_mean(x, layout))
     d = x - layout.expand(m1)
     mean_d = layout.sum(d) / count
     mean_d2 = layout.sum(_abs2(d)) / count
@@ -65,11 +65,20 @@ def _shifted_moments(x, layout: Layout, mask):
   return count, m1, mean_d, var * count
 
 
-def _first_slice_mean(x, layout: Layout):
-  """Per-feature mean of ``x``'s first slice along its first reduction axis (the first image of NHWC, the first
-  row of every image of CHWN): a shift close to the feature's mean that reads only that slice."""
-  first = lax.index_in_dim(x, 0, layout.reduction_axes[0], keepdims=True)
-  shift = jnp.mean(first, axis=layout.reduction_axes)
+# Every SHIFT_STRIDE-th slice along the first reduced axis makes the shift: at least 1/SHIFT_STRIDE of the values.
+SHIFT_STRIDE = 8
+
+
+def _sample_mean(x, layout: Layout):
+  """Per-feature mean of every ``SHIFT_STRIDE``-th slice of ``x`` along its first reduction axis (every 8th
+  image of NHWC, every 8th row of every image of CHWN): a shift near the feature's mean from an eighth of ``x``.
+
+  A sample holding a fraction ``f`` of the values differs from the mean by at most ``sqrt((1 - f) / f)``
+  standard deviations (its share of the between-group variance), so the shift costs the variance a factor
+  ``1 + (m1 - mean)^2 / var <= 1 / f <= SHIFT_STRIDE`` of float32 precision, whatever the data.
+  """
+  sample = lax.slice_in_dim(x, 0, None, stride=SHIFT_STRIDE, axis=layout.reduction_axes[0])
+  shift = jnp.mean(sample, axis=layout.reduction_axes)
   return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape))
 
 
