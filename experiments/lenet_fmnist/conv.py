@@ -75,7 +75,8 @@ def conv2d_valid(
 ) -> jax.Array:
   """Stride-1 'VALID' convolution of ``x`` (``layout`` NHWC or CHWN) with an HWIO ``kernel``, in ``x``'s layout.
 
-  ``precision``: jax's name, or None.
+  ``precision``: jax's name, or None. ``impl="lanes"`` (``"auto"``'s choice on CPU) differentiates in reverse
+  mode only (``jax.grad``/``jax.vjp``; ``jax.jvp`` raises); the others in both modes.
   """
   check_input(x, layout)
   if kernel.ndim != 4:
@@ -288,7 +289,8 @@ _conv_direct.defvjp(_conv_direct_fwd, _conv_direct_bwd)
 
 class Conv(nn.Module):
   """``flax.linen.Conv(features, kernel_size, padding='VALID')`` with a selectable implementation; inputs
-  and outputs in ``layout`` (``"NHWC"``, or ``"CHWN"``: channels first, batch last)."""
+  and outputs in ``layout`` (``"NHWC"``, or ``"CHWN"``: channels first, batch last). Reverse mode only
+  with ``impl="lanes"`` (see :func:`conv2d_valid`)."""
 
   features: int
   kernel_size: tuple[int, int]
