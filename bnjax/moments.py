@@ -34,9 +34,9 @@ def _shifted_moments(x, layout: Layout, mask):
   ``mean_d`` and the variance ``E[d^2] - mean_d^2``. The values of ``d`` are of the order of the spread, so
   nothing large is ever squared: float32 variance stays accurate for e.g. mean 1e4, std 1, where
   ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of a sample of ``x``
-  (:func:`_sample_mean`, an eighth of it), so both sums of ``d`` come from one pass over ``x`` (XLA writes ``d``
+  (:func:`_sample_mean`, a sixth of it), so both sums of ``d`` come from one pass over ``x`` (XLA writes ``d``
   out once for them) and no full pass goes to a first mean. The cancellation in ``E[d^2] - mean_d^2`` costs a
-  factor ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 8 whatever the data, about 1 typically.
+  factor ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 6 whatever the data, about 1 typically.
   With a mask ``m1`` is the masked mean itself (two passes): any one slice may be all padding.
 
   With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
@@ -66,12 +66,12 @@ def _shifted_moments(x, layout: Layout, mask):
 
 
 # Every SHIFT_STRIDE-th slice along the first reduced axis makes the shift: at least 1/SHIFT_STRIDE of the values.
-SHIFT_STRIDE = 8
+SHIFT_STRIDE = 6
 
 
 def _sample_mean(x, layout: Layout):
-  """Per-feature mean of every ``SHIFT_STRIDE``-th slice of ``x`` along its first reduction axis (every 8th
-  image of NHWC, every 8th row of every image of CHWN): a shift near the feature's mean from an eighth of ``x``.
+  """Per-feature mean of every ``SHIFT_STRIDE``-th slice of ``x`` along its first reduction axis (every 6th
+  image of NHWC, every 6th row of every image of CHWN): a shift near the feature's mean from a sixth of ``x``.
 
   A sample holding a fraction ``f`` of the values differs from the mean by at most ``sqrt((1 - f) / f)``
   standard deviations (its share of the between-group variance), so the shift costs the variance a factor
