@@ -54,8 +54,21 @@ class Layout:
 
   def sum(self, v: jax.Array) -> jax.Array:
     """Per-feature sum of a working-shape array."""
+    return self.sum_view(self.view(v))
+
+  def view(self, v: jax.Array) -> jax.Array:
+    """A working-shape array in the view its per-feature sums reduce: ``(rows / k, k * F)`` for trailing
+    features, the working shape itself otherwise."""
+    return v.reshape(self.count // self.fold, -1) if self.flat else v
+
+  def per_feature_to_view(self, v: jax.Array) -> jax.Array:
+    """A per-feature array, ready to broadcast against :meth:`view` (tiled ``k`` times when folded)."""
+    return jnp.tile(v.reshape(-1), self.fold) if self.flat else self.expand(v)
+
+  def sum_view(self, v: jax.Array) -> jax.Array:
+    """Per-feature sum of an array in :meth:`view`."""
     if self.flat:
-      total = jnp.sum(v.reshape(self.count // self.fold, -1), 0)
+      total = jnp.sum(v, 0)
       return total.reshape(self.fold, -1).sum(0) if self.fold > 1 else total
     return jnp.sum(v, self.reduction_axes)
 
