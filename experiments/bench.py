@@ -274,16 +274,18 @@ def bench_inference(images: np.ndarray, batch_size: int, repeats: int) -> dict:
   }
 
 
-def _timed_child(cmd: list[str]) -> tuple[float, float, int]:
-  """``(wall seconds, peak RSS in MB, exit code)`` of one child process, measured from outside."""
+def _timed_child(cmd: list[str], log: Path | None = None) -> tuple[float, float, int]:
+  """``(wall seconds, peak RSS in MB, exit code)`` of one child process, measured from outside; its standard
+  output goes to ``log`` (or nowhere)."""
   import subprocess
 
-  t0 = time.perf_counter()
-  child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  _, status, usage = os.wait4(child.pid, 0)
-  wall = time.perf_counter() - t0
+  with open(log if log is not None else os.devnull, "wb") as stdout:
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    err = child.stderr.read().decode(errors="replace")  # (read while it runs: a full pipe would stall it)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t0
   child.returncode = os.waitstatus_to_exitcode(status)
-  err = child.stderr.read().decode(errors="replace")
   child.stderr.close()
   if child.returncode:
     raise SystemExit(f"error: {' '.join(cmd)} failed (exit {child.returncode}):\n{err[-2000:]}")
@@ -300,8 +302,8 @@ def _e2e_commands(args, tmp: Path) -> dict:
   if args.allow_partial_data:
     common += ["--allow-partial-data"]
 
-  def bnjax(i, epochs, extra=()):
-    out = ["--out", str(tmp / f"r{i}-{epochs}"), "--overwrite"]
+  def bnjax(i, epochs, extra=(), out_name=None):
+    out = ["--out", str(tmp / (out_name or f"r{i}-{epochs}")), "--overwrite"]
     return [
       sys.executable,
       "-m",
@@ -320,17 +322,19 @@ def _e2e_commands(args, tmp: Path) -> dict:
   return {"bnjax": bnjax, "torch": torch}
 
 
-def _alternating(runs: dict, pairs: int, label: str) -> dict[str, list[dict]]:
+def _alternating(runs: dict, pairs: int, label: str, logs: Path | None = None) -> dict[str, list[dict]]:
   """Runs ``runs`` (name -> command(i)) as whole processes, ``pairs`` rounds after one warm-up round, the
-  order reversed every other round so that neither always goes first; ``name -> [{seconds, peak_mb}]``."""
+  order reversed every other round so that neither always goes first; ``name -> [{seconds, peak_mb}]`` (and
+  ``log``, the run's standard output, when ``logs`` names a folder for them)."""
   out = {name: [] for name in runs}
   for i in range(pairs + 1):
     order = list(runs) if i % 2 == 0 else list(reversed(runs))
     for name in order:
-      wall, rss, _ = _timed_child(runs[name](i))
+      log = logs / f"{name.replace(' ', '-')}-{i}.txt" if logs is not None else None
+      wall, rss, _ = _timed_child(runs[name](i), log)
       print(f"  {label} {'warm-up' if i == 0 else f'round {i}':8s} {name:24s} {wall:7.1f} s  {rss:7.0f} MB", flush=True)
       if i > 0:
-        out[name].append({"seconds": wall, "peak_mb": rss})
+        out[name].append({"seconds": wall, "peak_mb": rss, **({"log": str(log)} if log is not None else {})})
   return out
 
 
@@ -358,37 +362,58 @@ def main_job(args, commands) -> dict:
 
 
 def fixed_costs(args, commands, tmp: Path) -> dict:
-  """What every run pays besides its epochs: ``2 * wall(1 epoch) - wall(2 epochs)`` of whole processes.
+  """What every run pays besides its epochs: a 2-epoch process's wall time, measured from outside, minus
+  twice its second epoch (training and evaluation) as the process itself times it.
 
-  An epoch (training and its evaluation) costs ``wall(2) - wall(1)``; the rest of a 1-epoch process is
-  the fixed cost: start-up, imports, data loading, compilation (or loading compiled programs), the first
-  epoch's extra (tracing, warm-up) and the final files. "cold" compiles into an empty compilation cache,
-  as a user's first run does; "warm" finds the programs cached, as every later run does.
+  That remainder is the fixed cost: start-up, imports, data loading, compilation (or loading compiled
+  programs), the first epoch's extra (tracing, warm-up), the files (each epoch's and the final ones) and the
+  exit. Each figure comes from one process, so it carries one run's noise, not the difference of two runs'.
+  "cold" compiles into an empty compilation cache, as a user's first run does; "warm" finds the programs
+  cached, as every later run does. bnjax reports its epochs' seconds in ``metrics.json``, the chapter's
+  PyTorch loop on its epoch lines.
   """
-  runs = {}
-  for epochs in (1, 2):
-    runs[f"bnjax warm, {epochs} epoch(s)"] = lambda i, e=epochs: commands["bnjax"](i, e)
-    runs[f"bnjax cold, {epochs} epoch(s)"] = lambda i, e=epochs: commands["bnjax"](
-      i, e, ["--compile-cache", str(tmp / f"cache-{i}-{e}")]
-    )
-    runs[f"torch, {epochs} epoch(s)"] = lambda i, e=epochs: commands["torch"](i, e)
-  walls = _alternating(runs, args.pairs, "fixed cost")
+  runs = {
+    "bnjax warm": lambda i: commands["bnjax"](i, 2, out_name=f"warm-{i}"),
+    "bnjax cold": lambda i: commands["bnjax"](i, 2, ["--compile-cache", str(tmp / f"cache-{i}")], f"cold-{i}"),
+    "torch": lambda i: commands["torch"](i, 2),
+  }
+  walls = _alternating(runs, args.pairs, "fixed cost", logs=tmp)
   result = {}
-  for name in ("bnjax cold", "bnjax warm", "torch"):
-    one, two = ([r["seconds"] for r in walls[f"{name}, {e} epoch(s)"]] for e in (1, 2))
-    fixed = [2 * a - b for a, b in zip(one, two, strict=True)]
-    epoch = [b - a for a, b in zip(one, two, strict=True)]
+  for name, rounds in walls.items():
+    epochs = [
+      _torch_epoch_seconds(Path(r["log"])) if name == "torch" else _bnjax_epoch_seconds(tmp / f"{name.split()[1]}-{i}")
+      for i, r in enumerate(rounds, start=1)
+    ]
+    fixed = [r["seconds"] - 2 * e for r, e in zip(rounds, epochs, strict=True)]
     result[name] = {
       "fixed_seconds": statistics.median(fixed),
-      "epoch_seconds": statistics.median(epoch),
+      "epoch_seconds": statistics.median(epochs),
       "per_round_fixed_seconds": fixed,
-      "one_epoch_seconds": one,
-      "two_epoch_seconds": two,
+      "two_epoch_seconds": [r["seconds"] for r in rounds],
+      "second_epoch_seconds": epochs,
     }
-  print(f"{'fixed cost (2 x 1-epoch wall - 2-epoch wall)':52s} {'fixed s':>8s} {'epoch s':>8s}")
+  print(f"{'fixed cost (2-epoch wall - 2 x its 2nd epoch)':52s} {'fixed s':>8s} {'epoch s':>8s}  per round")
   for name, r in result.items():
-    print(f"{name:52s} {r['fixed_seconds']:8.1f} {r['epoch_seconds']:8.1f}")
+    rounds = ", ".join(f"{f:.1f}" for f in r["per_round_fixed_seconds"])
+    print(f"{name:52s} {r['fixed_seconds']:8.1f} {r['epoch_seconds']:8.1f}  {rounds}")
   return result
+
+
+def _bnjax_epoch_seconds(out: Path) -> float:
+  """The second epoch's training and evaluation seconds, from the run's ``metrics.json``."""
+  (metrics,) = out.glob("*/metrics.json")
+  second = json.loads(metrics.read_text())["epochs"][1]
+  return second["train_seconds"] + second["eval_seconds"]
+
+
+def _torch_epoch_seconds(log: Path) -> float:
+  """The second epoch's seconds (training and its test evaluation), from the PyTorch loop's epoch line."""
+  import re
+
+  found = re.search(r"^epoch +2/2 .*\(([0-9.]+) s\)$", log.read_text(), re.MULTILINE)
+  if found is None:
+    raise SystemExit(f"error: no second epoch line in {log}")
+  return float(found.group(1))
 
 
 def end_to_end(args) -> dict:
@@ -419,7 +444,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   e2e = p.add_argument_group("end to end")
   e2e.add_argument("--end-to-end", action="store_true", help="time the main job vs the chapter's PyTorch code")
   e2e.add_argument("--pairs", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
-  e2e.add_argument("--no-fixed-cost", action="store_true", help="only the main job, not the 1- and 2-epoch runs")
+  e2e.add_argument("--no-fixed-cost", action="store_true", help="only the main job, not the fixed cost's 2-epoch runs")
   e2e.add_argument("--epochs", type=int, default=10)
   e2e.add_argument("--data-dir", default=None)
   e2e.add_argument("--allow-partial-data", action="store_true")

@@ -169,7 +169,7 @@ def train_ch6(net, dataset, *, epochs=10, lr=1.0, batch_size=256, seed=0, log=pr
     history.append(row)
     log(
       f"epoch {epoch + 1:2d}/{epochs}  loss {row['train_loss']:.3f}  train acc {row['train_acc']:.3f}  "
-      f"test acc {row['test_acc']:.3f}  ({row['seconds']:.1f} s)"
+      f"test acc {row['test_acc']:.3f}  ({row['seconds']:.2f} s)"
     )
   return history
 

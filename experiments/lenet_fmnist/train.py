@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -110,7 +111,10 @@ def nnx_apply(model: nnx.Module) -> Apply:
 
 
 def init_run(
-  init: Callable[[jax.Array], dict], seed: int | list[int], store: ProgramStore | None = None
+  init: Callable[[jax.Array], dict],
+  seed: int | list[int],
+  store: ProgramStore | None = None,
+  prepared: concurrent.futures.Future | None = None,
 ) -> tuple[dict, jax.Array]:
   """``(variables, shuffle_key)`` for a run's ``seed``: the chapter's key split and ``init(init_key)``, in one
   compiled program (the key made from a uint32 seed inside it is the one ``jax.random.key(seed)`` gives).
@@ -118,21 +122,31 @@ def init_run(
   With a list of seeds, the replicas' variables and keys stacked along a leading axis (``jax.vmap`` of the
   same program: each replica's are exactly its single seed's).
 
+  ``store``: the compiled program is loaded from it when it is there, and saved to it when it is not (the
+  store's context must name ``init``'s model). ``prepared``: the program, from :func:`prepare_init`.
+  """
+  prepared = prepared or prepare_init(init, seed, store)
+  return prepared.result()(_init_program(seed)[1])
+
+
+def prepare_init(
+  init: Callable[[jax.Array], dict], seed: int | list[int], store: ProgramStore | None = None
+) -> concurrent.futures.Future:
+  """The future of :func:`init_run`'s compiled program: loaded from ``store``, or traced here and compiled in
+  the compile queue (:func:`compile_queue`), where whatever is queued after it waits for a free core.
+
   The program runs once per run, so XLA compiles it without its backend optimizations: the same values
   (integer random bits), compiled in about a sixth of the time (threefry's rounds are slow to optimize).
-
-  ``store``: the compiled program is loaded from it when it is there, and saved to it when it is not (the
-  store's context must name ``init``'s model).
   """
   program, arg = _init_program(seed)
   spec = jax.ShapeDtypeStruct(arg.shape, arg.dtype)
   if store is None:
-    return _compiled_init(program, init, spec)(arg)
+    return _init_future(program, init, spec)
   key = store.key("init", {"replicas": np.shape(arg)}, (spec,))
   compiled = store.load(key, (spec,), jax.tree.structure(init_run_shapes(init, seed)))
-  if compiled is None:
-    compiled = store.compile(key, program.lower(init, spec), _INIT_OPTIONS)
-  return compiled(arg)
+  if compiled is not None:
+    return _done(compiled)
+  return compile_queue().submit(store.compile, key, program.lower(init, spec), _INIT_OPTIONS)
 
 
 def init_run_shapes(init: Callable[[jax.Array], dict], seed: int | list[int]):
@@ -148,8 +162,22 @@ def _init_program(seed):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_init(program, init, arg: jax.ShapeDtypeStruct):
-  return program.lower(init, arg).compile(compiler_options=_INIT_OPTIONS)
+def _init_future(program, init, arg: jax.ShapeDtypeStruct) -> concurrent.futures.Future:
+  return compile_queue().submit(functools.partial(program.lower(init, arg).compile, compiler_options=_INIT_OPTIONS))
+
+
+def _done(value) -> concurrent.futures.Future:
+  future = concurrent.futures.Future()
+  future.set_result(value)
+  return future
+
+
+@functools.cache
+def compile_queue() -> concurrent.futures.ThreadPoolExecutor:
+  """The threads XLA compiles in, one per core: programs compile in the order they are queued (the order a run
+  needs them), each with a core to itself, and the first ones finish first. (One thread per program had all
+  of them share the cores and finish late together: the initialization, needed first, among them.)"""
+  return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="compile")
 
 
 _INIT_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -511,11 +539,15 @@ def compile_ahead(
   replicated: bool = False,
   eval_batch_size: int = EVAL_BATCH_SIZE,
   store: ProgramStore | None = None,
+  then: Callable[[], Any] | None = None,
 ) -> list[concurrent.futures.Future]:
-  """Traces every program an epoch and its evaluation run and compiles each in a thread of its own; returns
-  their futures. Later calls of :func:`train_epoch` and :func:`evaluate` with these shapes (and the same JAX
-  settings) run them. XLA compiles without holding Python's lock, so the programs compile side by side and
-  beside whatever the caller does meanwhile (initialization, loading, training the first chunks).
+  """Traces every program an epoch and its evaluation run and queues each for compilation (:func:`compile_queue`)
+  in the order an epoch needs them; returns their futures. ``then`` is called once the first training program
+  (the longest to compile) is queued: the caller queues there what it needs before the rest (its
+  initialization). Later calls of :func:`train_epoch` and
+  :func:`evaluate` with these shapes (and the same JAX settings) run them. XLA compiles without holding
+  Python's lock, so the programs compile side by side and beside whatever the caller does meanwhile
+  (initialization, training the first chunks while the evaluation's program still compiles).
 
   ``state`` may be abstract (``jax.eval_shape`` of the state-making function): nothing is computed. One
   device only (a mesh's programs compile on first use). ``store``: programs found in it are loaded instead
@@ -535,19 +567,20 @@ def compile_ahead(
   perm, metrics = jax.tree.map(spec, (perm, metrics))
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   # (program, arguments, static arguments, the structure of its result)
-  programs = [(_epoch_start, (key, epoch), dict(num=num, replicated=replicated), (perm, metrics))]
+  steps = []
   shapes = {(n, valid is None) for n, _, valid in epoch_calls(num, batch_size, loop, scan_chunk)}
-  for n, full in sorted(shapes):
+  for n, full in sorted(shapes, key=lambda shape: (not shape[1], shape[0])):  # (in the order an epoch runs them)
     args = (state, metrics, *train_data, perm, scalar, None if full else scalar)
     static = dict(batch_size=batch_size, num_steps=n, mesh=None, replicated=replicated)
-    programs.append((_train_steps, args, static, (state, metrics)))
+    steps.append((_train_steps, args, static, (state, metrics)))
+  start = (_epoch_start, (key, epoch), dict(num=num, replicated=replicated), (perm, metrics))
+  programs = [*steps[:1], start, *steps[1:]]  # the first training program, the longest, first
   if test_data is not None:
     test_data = jax.tree.map(spec, test_data)
     size = eval_batch_size_for(eval_batch_size, test_data.labels.shape[0], mesh=None)
     static = dict(batch_size=size, mesh=None, replicated=replicated)
     programs.append((_evaluate, (state, *test_data), static, metrics))
 
-  pool = concurrent.futures.ThreadPoolExecutor(len(programs), thread_name_prefix="compile-ahead")
   futures = []
   for program, args, static, result in programs:
     # Keys, loads and tracing happen here, in the caller's thread under its JAX settings; only XLA's compilation
@@ -555,15 +588,15 @@ def compile_ahead(
     key = store.key(program.__name__, static, args) if store else None
     compiled = store.load(key, args, jax.tree.structure(result)) if store else None
     if compiled is not None:
-      futures.append(concurrent.futures.Future())
-      futures[-1].set_result(compiled)
+      futures.append(_done(compiled))
     else:
       lowered = program.lower(*args, **static)
-      futures.append(pool.submit(store.compile, key, lowered) if store else pool.submit(lowered.compile))
+      futures.append(compile_queue().submit(*((store.compile, key, lowered) if store else (lowered.compile,))))
     while len(_PREPARED) >= _MAX_PREPARED:
       _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[_program_key(program, static, args)] = futures[-1]
-  pool.shutdown(wait=False)
+    if then is not None and len(futures) == 1:
+      then()
   return futures
 
 

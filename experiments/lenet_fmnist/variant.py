@@ -121,8 +121,9 @@ def clear_run_files(out: Path) -> None:
     shutil.rmtree(per_seed)
 
 
-def compile_ahead(state, variant: Variant, run: Run) -> None:
-  """One device: the epoch's and the evaluation's programs compile side by side (``state`` may be shapes)."""
+def compile_ahead(state, variant: Variant, run: Run, then: Callable[[], Any] | None = None) -> None:
+  """One device: the epoch's and the evaluation's programs compile side by side (``state`` may be shapes);
+  ``then`` as :func:`train.compile_ahead` has it (called in any case)."""
   if run.mesh is None:
     train_data, test_data = run.data
     config = run.config
@@ -134,7 +135,10 @@ def compile_ahead(state, variant: Variant, run: Run) -> None:
       loop=config.loop,
       replicated=len(config.seeds) > 1,
       store=variant.programs,
+      then=then,
     )
+  elif then is not None:
+    then()
 
 
 def new_state(variant: Variant, run: Run):
@@ -149,9 +153,17 @@ def new_state(variant: Variant, run: Run):
       variant.model.apply, variables, config.lr, ema_decay=variant.ema, replicated=replicated
     )
 
-  if not config.resume:
-    compile_ahead(jax.eval_shape(create, train.init_run_shapes(variant.model.init, seed)[0]), variant, run)
-  variables, shuffle_key = train.init_run(variant.model.init, seed, variant.programs)
+  init = []
+
+  def prepare_init():
+    init.append(train.prepare_init(variant.model.init, seed, variant.programs))
+
+  if config.resume:
+    prepare_init()
+  else:  # the initialization's program is queued right after the longest one, the epoch's first
+    shapes = jax.eval_shape(create, train.init_run_shapes(variant.model.init, seed)[0])
+    compile_ahead(shapes, variant, run, then=prepare_init)
+  variables, shuffle_key = train.init_run(variant.model.init, seed, prepared=init[0])
   return create(variables), shuffle_key
 
 
@@ -235,8 +247,11 @@ def timed_epoch(state, shuffle_key, epoch: int, run: Run, bar: tqdm, beat: Calla
   return state, metrics, seconds
 
 
-def epoch_row(epoch: int, metrics, test: dict, seconds: float, precise_seconds: float, seeds: list[int]) -> dict:
-  """The epoch's line of the history: training metrics (summed over the epoch), test metrics, timings."""
+def epoch_row(
+  epoch: int, metrics, test: dict, seconds: float, eval_seconds: float, precise_seconds: float, seeds: list[int]
+) -> dict:
+  """The epoch's line of the history: training metrics (summed over the epoch), test metrics, timings
+  (``eval_seconds``: the evaluation after the epoch, precise BN's statistics included)."""
   tr = train.summarize(metrics)
   return {
     "epoch": epoch + 1,
@@ -245,6 +260,7 @@ def epoch_row(epoch: int, metrics, test: dict, seconds: float, precise_seconds: 
     "test_loss": test["loss"],
     "test_acc": test["acc"],
     "train_seconds": seconds,
+    "eval_seconds": eval_seconds,
     "examples_per_sec": int(sync.to_host(metrics)["count"].sum()) / seconds,  # (all seeds' examples)
     "precise_bn_seconds": precise_seconds,
     **({"seeds": seeds} if len(seeds) > 1 else {}),
@@ -300,8 +316,9 @@ def train_epochs(variant: Variant, run: Run, state, shuffle_key, start_epoch: in
   for epoch in range(start_epoch, config.epochs):
     bar = progress_bar(norm, epoch, config, steps)
     state, metrics, seconds = timed_epoch(state, shuffle_key, epoch, run, bar, beat)
+    t0 = time.perf_counter()
     state, test, precise_seconds = evaluate_epoch(variant, run, state, shuffle_key, epoch)
-    row = epoch_row(epoch, metrics, test, seconds, precise_seconds, config.seeds)
+    row = epoch_row(epoch, metrics, test, seconds, time.perf_counter() - t0, precise_seconds, config.seeds)
     beat()
     history.append(row)
     print(report.epoch_line(norm, row, config.epochs), flush=True)

@@ -1,5 +1,8 @@
 """Smoke test of the benchmark harness (no timing asserts: speed is read from its printout)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from experiments import bench
@@ -59,14 +62,23 @@ def test_the_data_parallel_benchmark_reports_every_device_count(capsys):
 
 
 def test_the_end_to_end_benchmark_times_whole_processes_and_derives_fixed_costs(monkeypatch, capsys, tmp_path):
-  """Fixed cost = 2 x wall(1 epoch) - wall(2 epochs), per round; the ratio is torch's wall over bnjax's."""
+  """Fixed cost = wall(2 epochs) - 2 x the second epoch's own seconds, per round (bnjax's from metrics.json,
+  PyTorch's from its epoch line); the ratio is torch's wall over bnjax's."""
   launched = []
 
-  def fake_child(cmd):  # walls: bnjax 3 s + 2 s per epoch (cold: 9 s + 2 s), torch 1 s + 4 s per epoch
+  def fake_child(cmd, log=None):  # walls: bnjax 3 s + 2 s per epoch (cold: 9 s + 2 s), torch 1 s + 4 s per epoch
     launched.append(cmd)
     epochs = int(cmd[cmd.index("--epochs") + 1])
     if "experiments.torch_lenet" in cmd:
+      if log is not None:
+        lines = [f"epoch {e:2d}/{epochs}  loss 0.500  train acc 0.800  test acc 0.800  (4.00 s)" for e in (1, 2)]
+        log.write_text("\n".join(lines) + "\nloss 0.500, train acc 0.800, test acc 0.800\n")
       return 1.0 + 4.0 * epochs, 100.0, 0
+    out = Path(cmd[cmd.index("--out") + 1]) / "ours"
+    out.mkdir(parents=True, exist_ok=True)
+    epoch = {"train_seconds": 1.5, "eval_seconds": 0.5}
+    first = {**epoch, "train_seconds": 6.0}  # (compiling: not a steady epoch)
+    (out / "metrics.json").write_text(json.dumps({"epochs": [first] + [epoch] * (epochs - 1)}))
     return (9.0 if "--compile-cache" in cmd else 3.0) + 2.0 * epochs, 50.0, 0
 
   monkeypatch.setattr(bench, "_timed_child", fake_child)
@@ -74,8 +86,8 @@ def test_the_end_to_end_benchmark_times_whole_processes_and_derives_fixed_costs(
   assert result["main_job"]["median_seconds"] == {"bnjax": 23.0, "torch": 41.0}
   assert result["main_job"]["ratio_torch_over_bnjax"] == 41.0 / 23.0
   fixed = {name: (r["fixed_seconds"], r["epoch_seconds"]) for name, r in result["fixed_cost"].items()}
-  assert fixed == {"bnjax cold": (9.0, 2.0), "bnjax warm": (3.0, 2.0), "torch": (1.0, 4.0)}
+  assert fixed == {"bnjax warm": (3.0, 2.0), "bnjax cold": (9.0, 2.0), "torch": (1.0, 4.0)}
   cold = [c for c in launched if "--compile-cache" in c]
   assert len({c[c.index("--compile-cache") + 1] for c in cold}) == len(cold)  # an empty cache for every cold run
-  assert len(launched) == 3 * 2 + 3 * 6  # (1 warm-up + 2 rounds) x (2 main-job runs + 6 fixed-cost runs)
+  assert len(launched) == 3 * 2 + 3 * 3  # (1 warm-up + 2 rounds) x (2 main-job runs + 3 two-epoch runs)
   assert "fixed cost" in capsys.readouterr().out and (tmp_path / "e2e.json").exists()
