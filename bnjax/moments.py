@@ -34,8 +34,8 @@ def _shifted_moments(x, layout: Layout, mask):
   ``mean_d`` and the variance ``E[d^2] - mean_d^2``. The values of ``d`` are of the order of the spread, so
   nothing large is ever squared: float32 variance stays accurate for e.g. mean 1e4, std 1, where
   ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of a sample of ``x``
-  (:func:`_sample_mean`, a sixth of it), so both sums of ``d`` read ``x`` itself, each in one pass, and no
-  full pass goes to a first mean. The cancellation in ``E[d^2] - mean_d^2`` costs a factor
+  (:func:`_sample_mean`, a sixth of it), so no full pass goes to a first mean before the sums of ``d``
+  (:func:`_deviation_sums`). The cancellation in ``E[d^2] - mean_d^2`` costs a factor
   ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 6 whatever the data, about 1 typically.
   With a mask ``m1`` is the masked mean itself (two passes): any one slice may be all padding.
 
@@ -97,18 +97,22 @@ def _sample_mean(x, layout: Layout):
   ``1 + (m1 - mean)^2 / var <= 1 / f <= SHIFT_FRACTION`` of float32 precision, whatever the data.
   """
   axis = layout.reduction_axes[0]
+  if x.shape[axis] == 0:  # nothing to sample (and no statistics: the count is 0), any shift will do
+    return layout.per_feature_to_work(jnp.zeros(layout.feature_shape, x.dtype))
   size = -(-x.shape[axis] // SHIFT_FRACTION)
   sample = lax.slice_in_dim(x, 0, size, axis=axis)
   if axis == 0:
     # A leading block, averaged over its slices by a dot with constant weights: on XLA:CPU 4-5x faster than
-    # a reduction over the block (256x24x24x6: 46 us against 190 us). HIGHEST: no TF32 rounding on GPU.
-    weights = jnp.full((size,), 1.0 / size, real_dtype(x.dtype))
-    sample = jnp.tensordot(weights, sample, axes=1, precision=lax.Precision.HIGHEST)
+    # a reduction over the block (256x24x24x6: 46 us against 190 us). In at least float32, as a mean would
+    # accumulate (a half-precision 1/size is rounded); HIGHEST: no TF32 rounding on GPU.
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    weights = jnp.full((size,), 1.0 / size, real_dtype(wide))
+    sample = jnp.tensordot(weights, sample, axes=1, precision=lax.Precision.HIGHEST, preferred_element_type=wide)
     rest = tuple(a - 1 for a in layout.reduction_axes[1:])
   else:
     rest = layout.reduction_axes
   shift = jnp.mean(sample, axis=rest) if rest else sample
-  return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape))
+  return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape).astype(x.dtype))
 
 
 def _fast_moments(x, layout: Layout, mask):

@@ -367,21 +367,25 @@ def fixed_costs(args, commands, tmp: Path) -> dict:
 
   That remainder is the fixed cost: start-up, imports, data loading, compilation (or loading compiled
   programs), the first epoch's extra (tracing, warm-up), the files (each epoch's and the final ones) and the
-  exit. Each figure comes from one process, so it carries one run's noise, not the difference of two runs'.
+  exit (PyTorch's loop writes no files). Each figure comes from one process, so it carries one run's noise,
+  not the difference of two runs'.
   "cold" compiles into an empty compilation cache, as a user's first run does; "warm" finds the programs
   cached, as every later run does. bnjax reports its epochs' seconds in ``metrics.json``, the chapter's
   PyTorch loop on its epoch lines.
   """
+  outs = {"bnjax warm": "warm-{}", "bnjax cold": "cold-{}"}  # each bnjax run's --out folder
   runs = {
-    "bnjax warm": lambda i: commands["bnjax"](i, 2, out_name=f"warm-{i}"),
-    "bnjax cold": lambda i: commands["bnjax"](i, 2, ["--compile-cache", str(tmp / f"cache-{i}")], f"cold-{i}"),
+    "bnjax warm": lambda i: commands["bnjax"](i, 2, out_name=outs["bnjax warm"].format(i)),
+    "bnjax cold": lambda i: commands["bnjax"](
+      i, 2, ["--compile-cache", str(tmp / f"cache-{i}")], outs["bnjax cold"].format(i)
+    ),
     "torch": lambda i: commands["torch"](i, 2),
   }
   walls = _alternating(runs, args.pairs, "fixed cost", logs=tmp)
   result = {}
   for name, rounds in walls.items():
     epochs = [
-      _torch_epoch_seconds(Path(r["log"])) if name == "torch" else _bnjax_epoch_seconds(tmp / f"{name.split()[1]}-{i}")
+      _torch_epoch_seconds(Path(r["log"])) if name == "torch" else _bnjax_epoch_seconds(tmp / outs[name].format(i))
       for i, r in enumerate(rounds, start=1)
     ]
     fixed = [r["seconds"] - 2 * e for r, e in zip(rounds, epochs, strict=True)]
@@ -401,8 +405,10 @@ def fixed_costs(args, commands, tmp: Path) -> dict:
 
 def _bnjax_epoch_seconds(out: Path) -> float:
   """The second epoch's training and evaluation seconds, from the run's ``metrics.json``."""
-  (metrics,) = out.glob("*/metrics.json")
-  second = json.loads(metrics.read_text())["epochs"][1]
+  found = list(out.glob("*/metrics.json"))
+  if len(found) != 1:
+    raise SystemExit(f"error: expected one variant's metrics.json in {out}, found {len(found)}")
+  second = json.loads(found[0].read_text())["epochs"][1]
   return second["train_seconds"] + second["eval_seconds"]
 
 

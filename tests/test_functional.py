@@ -193,6 +193,22 @@ def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_
   assert rel < 5e-5, f"stable variance relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("shape", [(512, 4), (64, 8, 8, 4)], ids=["dense", "folded NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_reductions_when_asked_stay_within_half_precision(rng, dtype, shape):
+  """force_float32_reductions=False: the statistics are reduced in the input's dtype, on the dense and the
+  folded paths, and come out within half-precision rounding of the exact ones (std 2: float16's sums of
+  squared deviations stay below its 65504)."""
+  x = jnp.asarray((50.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32), dtype)
+  _, stats = batch_norm(
+    x, None, None, init_batch_stats(4), use_running_average=False, momentum=0.0, force_float32_reductions=False
+  )
+  exact = np.asarray(x, np.float64).reshape(-1, 4)
+  assert_trees_close(
+    (np.asarray(stats.mean, np.float64), np.asarray(stats.var, np.float64)), (exact.mean(0), exact.var(0)), "half"
+  )
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_reduces_in_float32_and_returns_input_dtype(rng, dtype):
   # float16 overflows at 65504: a naive sum of squares over this batch would be inf.

@@ -163,7 +163,9 @@ def _init_program(seed):
 
 @functools.lru_cache(maxsize=16)
 def _init_future(program, init, arg: jax.ShapeDtypeStruct) -> concurrent.futures.Future:
-  return compile_queue().submit(functools.partial(program.lower(init, arg).compile, compiler_options=_INIT_OPTIONS))
+  future = compile_queue().submit(functools.partial(program.lower(init, arg).compile, compiler_options=_INIT_OPTIONS))
+  future.add_done_callback(lambda f: f.exception() is not None and _init_future.cache_clear())  # (not kept: retried)
+  return future
 
 
 def _done(value) -> concurrent.futures.Future:
@@ -177,7 +179,8 @@ def compile_queue() -> concurrent.futures.ThreadPoolExecutor:
   """The threads XLA compiles in, one per core: programs compile in the order they are queued (the order a run
   needs them), each with a core to itself, and the first ones finish first. (One thread per program had all
   of them share the cores and finish late together: the initialization, needed first, among them.)"""
-  return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="compile")
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return concurrent.futures.ThreadPoolExecutor(cores or 1, thread_name_prefix="compile")
 
 
 _INIT_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -568,8 +571,9 @@ def compile_ahead(
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   # (program, arguments, static arguments, the structure of its result)
   steps = []
-  shapes = {(n, valid is None) for n, _, valid in epoch_calls(num, batch_size, loop, scan_chunk)}
-  for n, full in sorted(shapes, key=lambda shape: (not shape[1], shape[0])):  # (in the order an epoch runs them)
+  # Each call shape once, in the order an epoch runs them (its first, the longest to compile, first).
+  shapes = dict.fromkeys((n, valid is None) for n, _, valid in epoch_calls(num, batch_size, loop, scan_chunk))
+  for n, full in shapes:
     args = (state, metrics, *train_data, perm, scalar, None if full else scalar)
     static = dict(batch_size=batch_size, num_steps=n, mesh=None, replicated=replicated)
     steps.append((_train_steps, args, static, (state, metrics)))

@@ -122,8 +122,8 @@ def clear_run_files(out: Path) -> None:
 
 
 def compile_ahead(state, variant: Variant, run: Run, then: Callable[[], Any] | None = None) -> None:
-  """One device: the epoch's and the evaluation's programs compile side by side (``state`` may be shapes);
-  ``then`` as :func:`train.compile_ahead` has it (called in any case)."""
+  """One device: the epoch's and the evaluation's programs are queued for compilation, in the order the run
+  needs them (``state`` may be shapes); ``then`` as :func:`train.compile_ahead` has it (called in any case)."""
   if run.mesh is None:
     train_data, test_data = run.data
     config = run.config
