@@ -75,7 +75,7 @@ def machine() -> str:
     cpu = names[0] if names else cpu
   except OSError:
     pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = train.usable_cores()
   memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
   torch = try_import_torch()
   versions = f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch is not None else "")

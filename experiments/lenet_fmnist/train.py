@@ -179,8 +179,13 @@ def compile_queue() -> concurrent.futures.ThreadPoolExecutor:
   """The threads XLA compiles in, one per core: programs compile in the order they are queued (the order a run
   needs them), each with a core to itself, and the first ones finish first. (One thread per program had all
   of them share the cores and finish late together: the initialization, needed first, among them.)"""
+  return concurrent.futures.ThreadPoolExecutor(usable_cores(), thread_name_prefix="compile")
+
+
+def usable_cores() -> int:
+  """The CPU cores this process may run on (its affinity, where the OS tells it), at least 1."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return concurrent.futures.ThreadPoolExecutor(cores or 1, thread_name_prefix="compile")
+  return cores or 1
 
 
 _INIT_OPTIONS = {"xla_backend_optimization_level": 0}
