@@ -33,11 +33,10 @@ def _shifted_moments(x, layout: Layout, mask):
   Shifted form: the deviations ``d = x - m1`` from a shift ``m1`` near the mean give the mean's remainder
   ``mean_d`` and the variance ``E[d^2] - mean_d^2``. The values of ``d`` are of the order of the spread, so
   nothing large is ever squared: float32 variance stays accurate for e.g. mean 1e4, std 1, where
-  ``E[x^2] - E[x]^2`` loses all digits. Without a mask ``m1`` is the mean of a sample of ``x``
-  (:func:`_sample_mean`, a sixth of it), so no full pass goes to a first mean before the sums of ``d``
-  (:func:`_deviation_sums`). The cancellation in ``E[d^2] - mean_d^2`` costs a factor
-  ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 6 whatever the data, about 1 typically.
-  With a mask ``m1`` is the masked mean itself (two passes): any one slice may be all padding.
+  ``E[x^2] - E[x]^2`` loses all digits. ``m1`` is the mean of a sample of ``x`` (:func:`_sample_mean`, a
+  sixth of it; with a mask, :func:`_masked_sample_mean`), so no full pass goes to a first mean before the sums
+  of ``d`` (:func:`_deviation_sums`). The cancellation in ``E[d^2] - mean_d^2`` costs a factor
+  ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 6 whatever the data (and mask), about 1 typically.
 
   With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
   count stays 0, so the shard drops out of any combination by counts.
@@ -54,7 +53,7 @@ def _shifted_moments(x, layout: Layout, mask):
   else:
     count = layout.sum(mask.astype(real_dtype(x.dtype)))
     safe = jnp.maximum(count, 1.0)
-    m1 = lax.stop_gradient(layout.sum(jnp.where(mask, x, 0.0)) / safe)
+    m1 = lax.stop_gradient(_masked_sample_mean(x, mask, count, layout))
     # Zero the masked positions before squaring so padding (even inf) never leaks into values or grads.
     d = jnp.where(mask, x - layout.expand(m1), 0.0)
     mean_d = layout.sum(d) / safe
@@ -67,20 +66,28 @@ def _shifted_moments(x, layout: Layout, mask):
 def _deviation_sums(x, m1, layout: Layout) -> tuple[jax.Array, jax.Array]:
   """Per-feature ``(sum(d), sum(|d|^2))`` of ``d = x - m1``.
 
-  Where a few trailing features are folded (see :class:`Layout`), each sum subtracts for itself, in its
-  ``(rows / k, k * F)`` view, where the shift is a tiled row: XLA:CPU writes out any full-size value, even a
-  broadcast, that two of its library-fused reductions share, so one ``d`` for both cost a write and two
-  reads (256x8x8x16: 168 us against 107 us for both sums). ``d`` is spelled twice for that, equal bit for
-  bit: ``x + (-m1)`` and ``x - barrier(m1)``. Other layouts share one ``d``: there the fused subtraction
-  measured slower (LeNet's first BN, CHWN 6x24x24x256: 0.5 ms against 0.3 ms a step; 256x84 by 5%).
+  Where a few trailing features are folded (see :class:`Layout`), or trailing features span an array too large
+  for the caches (``SPELLED_BYTES``), each sum subtracts for itself, in its view (folded: ``(rows / k, k * F)``,
+  where the shift is a tiled row): XLA:CPU writes out any full-size value, even a broadcast, that two of its
+  library-fused reductions share, so one ``d`` for both cost a write and two reads (256x8x8x16: 168 us against
+  107 us for both sums; 128x56x56x64: about 5% of the forward and backward). ``d`` is spelled twice for that,
+  equal bit for bit: ``x + (-m1)`` and ``x - barrier(m1)``. Other layouts share one ``d``, which measured faster
+  where it stays in the caches (LeNet's first BN, CHWN 6x24x24x256: 0.5 ms against 0.3 ms a step; 256x84 by
+  5%; 256x2048 by 3%).
   """
-  if layout.fold == 1:
+  spelled = layout.fold > 1 or (layout.flat and x.size * x.dtype.itemsize >= SPELLED_BYTES)
+  if not spelled:
     d = x - layout.expand(m1)
     return layout.sum(d), layout.sum(_abs2(d))
   view, shift = layout.view(x), layout.per_feature_to_view(m1)
   sum_d = layout.sum_view(view + (-shift))
   sum_d2 = layout.sum_view(_abs2(view - lax.optimization_barrier(shift)))
   return sum_d, sum_d2
+
+
+# Trailing features over at least this many bytes: the deviation sums subtract each for itself (2 MB measured
+# faster with one shared d, 6.4 MB slower).
+SPELLED_BYTES = 4 * 2**20
 
 
 # The shift is the mean of the first 1/SHIFT_FRACTION of the slices along the first reduced axis.
@@ -113,6 +120,28 @@ def _sample_mean(x, layout: Layout):
     rest = layout.reduction_axes
   shift = jnp.mean(sample, axis=rest) if rest else sample
   return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape).astype(x.dtype))
+
+
+def _masked_sample_mean(x, mask, count, layout: Layout):
+  """Per-feature masked mean of :func:`_sample_mean`'s sample (its first ``ceil(n / SHIFT_FRACTION)`` slices)
+  where the sample holds at least ``1 / SHIFT_FRACTION`` of the feature's ``count`` valid values, which keeps
+  the same bound whatever the mask; elsewhere (padding early in ``x``: few or no valid values sampled) the
+  masked mean of all of ``x``, a second full pass that runs only when some feature needs it."""
+  axis = layout.reduction_axes[0]
+  size = -(-x.shape[axis] // SHIFT_FRACTION)
+  sample, sampled = (lax.slice_in_dim(a, 0, size, axis=axis) for a in (x, mask))
+
+  def per_feature_sum(v):
+    return layout.per_feature_to_work(jnp.sum(v, axis=layout.reduction_axes).reshape(layout.feature_shape))
+
+  n = per_feature_sum(sampled.astype(real_dtype(x.dtype)))
+  shift = per_feature_sum(jnp.where(sampled, sample, 0.0)) / jnp.maximum(n, 1.0)
+  enough = n * SHIFT_FRACTION >= count  # (count 0: nothing to sample, and the shift 0 will do)
+
+  def whole():
+    return jnp.where(enough, shift, layout.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1.0))
+
+  return lax.cond(jnp.all(enough), lambda: shift, whole)
 
 
 def _fast_moments(x, layout: Layout, mask):

@@ -23,7 +23,8 @@ same images, round-robin repeats.
 
 Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
 implementation must move (read x, write y; read x and dy, write dx: 5 x the tensor) and the achieved
-GB/s.
+GB/s; the implementations take turns (round-robin repeats of about 50 ms each), and each one's time over
+Flax's is the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -138,8 +140,8 @@ def setup_torch(torch, variant: str, images: np.ndarray, labels: np.ndarray, bat
   return run, first
 
 
-def _jax_op_seconds(fn, x, scale, bias, dy, stats, repeats: int, inner: int) -> float:
-  """Median seconds of one jitted forward + backward (VJP) of ``fn(x, scale, bias, stats)``."""
+def _jax_op_runner(fn, x, scale, bias, dy, stats) -> Callable[[int], None]:
+  """``run(n)``: ``n`` jitted forward + backward (VJP) calls of ``fn(x, scale, bias, stats)``, compiled and warm."""
 
   @jax.jit
   def fwd_bwd(x, scale, bias, dy, stats):
@@ -149,15 +151,15 @@ def _jax_op_seconds(fn, x, scale, bias, dy, stats, repeats: int, inner: int) -> 
   args = [jnp.asarray(a) for a in (x, scale, bias, dy)] + [stats]
   jax.block_until_ready(fwd_bwd(*args))
 
-  def run():
-    for _ in range(inner):
+  def run(n):
+    for _ in range(n):
       out = fwd_bwd(*args)
     jax.block_until_ready(out)
 
-  return _median_time(run, repeats)[0] / inner
+  return run
 
 
-def _torch_op_seconds(torch, x, dy, repeats: int, inner: int) -> float:
+def _torch_op_runner(torch, x, dy) -> Callable[[int], None]:
   import torch.nn.functional as F
 
   c = x.shape[-1]
@@ -166,17 +168,19 @@ def _torch_op_seconds(torch, x, dy, repeats: int, inner: int) -> float:
   wt, bt = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
   rm, rv = torch.zeros(c), torch.ones(c)
 
-  def run():
-    for _ in range(inner):
+  def run(n):
+    for _ in range(n):
       xt.grad = wt.grad = bt.grad = None
       F.batch_norm(xt, rm, rv, wt, bt, True, 0.1, 1e-5).backward(dyt)
 
-  run()
-  return _median_time(run, repeats)[0] / inner
+  run(1)
+  return run
 
 
-def bench_op_shape(torch, shape, repeats: int, inner: int) -> list[dict]:
-  """Forward + backward of each batch-norm implementation at one NHWC (or (N, C)) shape."""
+def bench_op_shape(torch, shape, repeats: int, seconds_per_repeat: float = 0.05) -> list[dict]:
+  """Forward + backward of each batch-norm implementation at one NHWC (or (N, C)) shape: round-robin repeats of
+  as many calls as take about ``seconds_per_repeat``, the median per call, and each one's time over Flax's
+  (the median of the per-repeat ratios: one implementation against the other in the same moment)."""
   import flax.linen as nn
 
   rng = np.random.default_rng(0)
@@ -195,16 +199,31 @@ def bench_op_shape(torch, shape, repeats: int, inner: int) -> list[dict]:
     return y, upd["batch_stats"]
 
   flax_stats = flax_bn.init(jax.random.key(0), x[:2])["batch_stats"]
-  seconds = {
-    "bnjax.batch_norm": _jax_op_seconds(ours, x, scale, bias, dy, init_batch_stats(c), repeats, inner),
-    "flax.linen.BatchNorm": _jax_op_seconds(theirs, x, scale, bias, dy, flax_stats, repeats, inner),
+  runners = {
+    "bnjax.batch_norm": _jax_op_runner(ours, x, scale, bias, dy, init_batch_stats(c)),
+    "flax.linen.BatchNorm": _jax_op_runner(theirs, x, scale, bias, dy, flax_stats),
   }
   if torch is not None:
-    seconds["torch F.batch_norm (NCHW)"] = _torch_op_seconds(torch, x, dy, repeats, inner)
+    runners["torch F.batch_norm (NCHW)"] = _torch_op_runner(torch, x, dy)
+  one = _median_time(lambda: runners["flax.linen.BatchNorm"](1), 3)[0]
+  inner = max(1, min(1000, round(seconds_per_repeat / max(one, 1e-9))))
+  times = {name: [] for name in runners}
+  for _ in range(repeats):  # round-robin: a slow spell of a shared machine hits every implementation alike
+    for name, run in runners.items():
+      times[name].append(_median_time(lambda run=run: run(inner), 1)[0] / inner)
+  flax_times = times["flax.linen.BatchNorm"]
   bytes_moved = 5 * x.size * 4
   return [
-    {"shape": list(shape), "impl": name, "us": t * 1e6, "bytes": bytes_moved, "gb_per_s": bytes_moved / t / 1e9}
-    for name, t in seconds.items()
+    {
+      "shape": list(shape),
+      "impl": name,
+      "us": statistics.median(t) * 1e6,
+      "vs_flax": statistics.median(a / b for a, b in zip(t, flax_times, strict=True)),
+      "calls_per_repeat": inner,
+      "bytes": bytes_moved,
+      "gb_per_s": bytes_moved / statistics.median(t) / 1e9,
+    }
+    for name, t in times.items()
   ]
 
 
@@ -536,16 +555,22 @@ def print_inference(inference: dict) -> None:
 def op_rows(args, torch) -> list[dict]:
   """The op section: forward + backward of one BN layer per shape and implementation, printed."""
   shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
-  print("\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32)")
+  repeats = 3 if args.quick else 15
+  print(
+    "\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32); implementations round-robin,"
+    f" median of {repeats} repeats; x Flax: median of the per-repeat time ratios"
+  )
   rows = [
     row
     for shape in shapes
-    for row in bench_op_shape(torch, shape, repeats=3 if args.quick else 7, inner=2 if args.quick else 20)
+    for row in bench_op_shape(torch, shape, repeats=repeats, seconds_per_repeat=0.005 if args.quick else 0.05)
   ]
-  print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'MB moved':>9s} {'GB/s':>7s}")
+  print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'x Flax':>7s} {'MB moved':>9s} {'GB/s':>7s}")
   for r in rows:
     shape = "x".join(map(str, r["shape"]))
-    print(f"{shape:22s} {r['impl']:28s} {r['us']:10.1f} {r['bytes'] / 1e6:9.2f} {r['gb_per_s']:7.2f}")
+    print(
+      f"{shape:22s} {r['impl']:28s} {r['us']:10.1f} {r['vs_flax']:7.3f} {r['bytes'] / 1e6:9.2f} {r['gb_per_s']:7.2f}"
+    )
   return rows
 
 

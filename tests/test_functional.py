@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from bnjax import BatchStats, batch_norm, init_batch_stats
-from bnjax.moments import SHIFT_FRACTION
+from bnjax.moments import SHIFT_FRACTION, SPELLED_BYTES
 from tests.helpers import CPU_DEVICES
 from tests.tolerance import assert_trees_close
 
@@ -74,6 +74,20 @@ def test_matches_numpy_reference_over_several_steps_then_eval(rng, shape, axis):
   ref_y, _, _ = reference_batch_norm(x, gamma, beta, ref_mean, ref_var, feature_axes=feature_axes, train=False)
   assert_trees_close(y, ref_y)
   assert eval_stats is stats, "evaluation mode must return the running statistics unchanged"
+
+
+def test_trailing_features_over_the_caches_match_the_reference_too(rng):
+  """Past ``SPELLED_BYTES`` each deviation sum subtracts the shift for itself (no shared ``d``): same numbers."""
+  shape = (64, 16, 16, 64)
+  x, gamma, beta = random_case(rng, shape, (3,))
+  assert x.nbytes >= SPELLED_BYTES
+  y, stats = jax.jit(functools.partial(batch_norm, use_running_average=False, momentum=0.9))(
+    x, gamma, beta, init_batch_stats(64)
+  )
+  ref_y, ref_mean, ref_var = reference_batch_norm(
+    x, gamma, beta, np.zeros(64), np.ones(64), feature_axes=(3,), train=True
+  )
+  assert_trees_close((y, stats.mean, stats.var), (ref_y, ref_mean, ref_var))
 
 
 def test_closed_form_after_one_step_from_init(rng):
@@ -189,6 +203,30 @@ def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_
   x = x.astype(np.float32)
   exact = x.astype(np.float64).var(axis=tuple(a for a in range(4) if a != feature_axis))
   _, stats = batch_norm(x, None, None, init_batch_stats(6), use_running_average=False, momentum=0.0, axis=axis)
+  rel = np.max(np.abs(np.asarray(stats.var, np.float64) - exact) / exact)
+  assert rel < 5e-5, f"stable variance relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("valid", ["late padding", "early padding", "one sampled"])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["NF", "FN"])
+def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, axis, valid):
+  """With a mask the shift is the valid values' mean over the same first sixth when that holds at least a sixth of
+  them, else over all of them. The sixth is 100 std off the rest and padding is inf: with the padding late, early
+  (nothing valid sampled: a zero shift was off by a factor 100) or leaving one of 427 valid values in the sixth
+  (a shift from it alone: off by 1e-4), the variance of the valid values stays within 5e-5."""
+  locations = np.array([1e4, -3e4, 2e4, -1e4, 5e3, 3e4], np.float64)
+  x = rng.standard_normal((512, 6)) + locations
+  sampled = -(-512 // SHIFT_FRACTION)
+  x[:sampled] += 100.0
+  rows = np.arange(512)
+  mask = {"late padding": rows < 300, "early padding": rows >= 400, "one sampled": rows >= sampled - 1}[valid]
+  x[~mask] = np.inf
+  x = x.astype(np.float32)
+  exact = x[mask].astype(np.float64).var(axis=0)
+  x, mask = (x, mask[:, None]) if axis == -1 else (x.T, mask[None, :])
+  _, stats = batch_norm(
+    x, None, None, init_batch_stats(6), use_running_average=False, momentum=0.0, axis=axis, mask=mask
+  )
   rel = np.max(np.abs(np.asarray(stats.var, np.float64) - exact) / exact)
   assert rel < 5e-5, f"stable variance relative error {rel:.2e}"
 

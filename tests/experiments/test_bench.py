@@ -21,7 +21,8 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   ]
   assert all(r["examples_per_sec"] > 0 and r["ratio_to_torch_nn_bn"] > 0 for r in result["model"])
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
-  assert all(r["gb_per_s"] > 0 for r in result["ops"])
+  assert all(r["gb_per_s"] > 0 and r["vs_flax"] > 0 for r in result["ops"])
+  assert {r["vs_flax"] for r in result["ops"] if r["impl"] == "flax.linen.BatchNorm"} == {1.0}
   assert [r["name"] for r in result["inference"]["rows"]] == [
     "LeNet + bnjax.BatchNorm, eval mode",
     "LeNet with BN folded into conv/dense",
@@ -31,6 +32,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   assert (
     "vs torch nn.BN" in out
     and "GB/s" in out
+    and "x Flax" in out
     and "NNX / linen throughput" in out
     and "folded / BN throughput" in out
     and (tmp_path / "bench.json").exists()

@@ -68,6 +68,13 @@ def test_epoch_plan_keeps_the_remainder_like_pytorch_but_not_a_lone_example():
   assert len(train.epoch_plan(60000, 256)) == train.steps_per_epoch(60000, 256) == 235
 
 
+def test_an_epoch_with_a_remainder_masks_every_step_so_that_one_program_runs_them_all():
+  assert train.epoch_calls(60000, 256) == ([(47, 47 * 256 * i) for i in range(5)], True)  # 234 full + 96
+  assert train.epoch_calls(640, 64) == ([(10, 0)], False)
+  assert train.epoch_calls(641, 64) == ([(10, 0)], False)  # a lone example is dropped: nothing to mask
+  assert train.epoch_calls(10, 4, loop="step") == ([(1, 0), (1, 4), (1, 8)], True)
+
+
 def test_scan_chunks_are_equal_when_a_divisor_allows():
   assert train.scan_chunks(234, 47) == [39] * 6  # one compiled scan instead of a 47- and a 46-step one
   assert train.scan_chunks(10, 3) == [2] * 5
