@@ -59,6 +59,14 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
+def rotated(items: list, i: int) -> list:
+  """``items`` starting at the ``i``-th (cyclically): round-robin repeats take turns in a rotating order, so that
+  no one runs always right after the same other one (PyTorch's threads spin a while after each call, which slowed
+  whatever ran next by up to 20% in the op section)."""
+  k = i % len(items) if items else 0
+  return items[k:] + items[:k]
+
+
 def try_import_torch():
   try:
     import torch
@@ -208,8 +216,8 @@ def bench_op_shape(torch, shape, repeats: int, seconds_per_repeat: float = 0.05)
   one = _median_time(lambda: runners["flax.linen.BatchNorm"](1), 3)[0]
   inner = max(1, min(1000, round(seconds_per_repeat / max(one, 1e-9))))
   times = {name: [] for name in runners}
-  for _ in range(repeats):  # round-robin: a slow spell of a shared machine hits every implementation alike
-    for name, run in runners.items():
+  for i in range(repeats):  # round-robin: a slow spell of a shared machine hits every implementation alike
+    for name, run in rotated(list(runners.items()), i):
       times[name].append(_median_time(lambda run=run: run(inner), 1)[0] / inner)
   flax_times = times["flax.linen.BatchNorm"]
   bytes_moved = 5 * x.size * 4
@@ -261,8 +269,8 @@ def bench_inference(images: np.ndarray, batch_size: int, repeats: int) -> dict:
     "LeNet with BN folded into conv/dense": program(LeNet(norm="none"), folded),
   }
   times = {name: [] for name in runs}
-  for _ in range(repeats):  # round-robin, as for the training rows
-    for name, (run, _) in runs.items():
+  for i in range(repeats):  # round-robin, as for the training rows
+    for name, (run, _) in rotated(list(runs.items()), i):
       t0 = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - t0)
@@ -504,8 +512,8 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
   runners = [(name, *setup()) for name, setup in setups]
   times = {name: [] for name, _, _ in runners}
   # Round-robin repeats: a slow spell of a shared machine hits every row alike, not one row.
-  for _ in range(args.repeats):
-    for name, run, _ in runners:
+  for i in range(args.repeats):
+    for name, run, _ in rotated(runners, i):
       t0 = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - t0)
