@@ -181,7 +181,7 @@ class RunConfig:
     group="training",
     default="auto",
     choices=("auto", "step", "scan"),
-    help="how an epoch's full batches run: scan (equal chunks of at most 47 steps, each chunk one lax.scan "
+    help="how an epoch's batches run: scan (equal chunks of at most 47 steps, each chunk one lax.scan "
     "call), step (one jitted call per step), auto (scan); the same numbers either way",
   )
   conv_impl: str = setting(

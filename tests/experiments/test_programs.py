@@ -147,7 +147,7 @@ def test_a_second_run_loads_its_programs_and_prints_the_same_lines(fmnist_dir, t
   stored = sorted(p.name for p in (cache / "programs").iterdir())
   second = run()
   assert sorted(p.name for p in (cache / "programs").iterdir()) == stored and len(stored) == 4  # init, epoch start,
-  # the scan of full batches (the fixture has no remainder), the evaluation
+  # the training steps' scan, the evaluation
   timings = re.compile(r"[\d,.]+ ex/s.*")
   assert [timings.sub("", line) for line in first] == [timings.sub("", line) for line in second] and first
 

@@ -285,4 +285,4 @@ def test_programs_compiled_ahead_from_the_states_shapes_are_the_ones_the_epoch_a
     state, _ = train.train_epoch(state, train_data, key, 64, epoch=0, scan_chunk=3)
     jax.block_until_ready(train.evaluate(state, test_data, batch_size=64))
   compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
-  assert compiled == []  # the epoch start, the scan of full batches and the evaluation were all compiled ahead
+  assert compiled == []  # the epoch start, the training steps' scan and the evaluation were all compiled ahead
