@@ -66,14 +66,14 @@ def _shifted_moments(x, layout: Layout, mask):
 def _deviation_sums(x, m1, layout: Layout) -> tuple[jax.Array, jax.Array]:
   """Per-feature ``(sum(d), sum(|d|^2))`` of ``d = x - m1``.
 
-  Where a few trailing features are folded (see :class:`Layout`), or trailing features span an array too large
-  for the caches (``SPELLED_BYTES``), each sum subtracts for itself, in its view (folded: ``(rows / k, k * F)``,
-  where the shift is a tiled row): XLA:CPU writes out any full-size value, even a broadcast, that two of its
-  library-fused reductions share, so one ``d`` for both cost a write and two reads (256x8x8x16: 168 us against
-  107 us for both sums; 128x56x56x64: about 5% of the forward and backward). ``d`` is spelled twice for that,
-  equal bit for bit: ``x + (-m1)`` and ``x - barrier(m1)``. Other layouts share one ``d``, which measured faster
-  where it stays in the caches (LeNet's first BN, CHWN 6x24x24x256: 0.5 ms against 0.3 ms a step; 256x84 by
-  5%; 256x2048 by 3%).
+  Where a few trailing features are folded (see :class:`Layout`), or trailing features span at least
+  ``SPELLED_BYTES`` (in the reduction dtype: too large for the caches), each sum subtracts for itself, in its view
+  (folded: ``(rows / k, k * F)``, where the shift is a tiled row): XLA:CPU writes out any full-size value, even a
+  broadcast, that two of its library-fused reductions share, so one ``d`` for both cost a write and two reads
+  (256x8x8x16: 168 us against 107 us for both sums; 128x56x56x64: about 5% of the forward and backward). ``d``
+  is spelled twice for that, equal bit for bit: ``x + (-m1)`` and ``x - barrier(m1)``. Smaller trailing
+  features (256x84 5% faster, 256x2048 3%) and every other layout, whatever its size, share one ``d`` (LeNet's
+  first BN, CHWN 6x24x24x256: 0.3 ms against 0.5 ms a step).
   """
   spelled = layout.fold > 1 or (layout.flat and x.size * x.dtype.itemsize >= SPELLED_BYTES)
   if not spelled:
@@ -85,8 +85,8 @@ def _deviation_sums(x, m1, layout: Layout) -> tuple[jax.Array, jax.Array]:
   return sum_d, sum_d2
 
 
-# Trailing features over at least this many bytes: the deviation sums subtract each for itself (2 MB measured
-# faster with one shared d, 6.4 MB slower).
+# Trailing features over at least this many bytes: the deviation sums subtract each for itself (one shared d
+# measured faster at 256x2048, 2 MB, and slower at 64x14x14x128, 6.4 MB, and at 128x56x56x64).
 SPELLED_BYTES = 4 * 2**20
 
 
@@ -134,8 +134,9 @@ def _masked_sample_mean(x, mask, count, layout: Layout):
   def per_feature_sum(v):
     return layout.per_feature_to_work(jnp.sum(v, axis=layout.reduction_axes).reshape(layout.feature_shape))
 
-  n = per_feature_sum(sampled.astype(real_dtype(x.dtype)))
-  shift = per_feature_sum(jnp.where(sampled, sample, 0.0)) / jnp.maximum(n, 1.0)
+  wide = jnp.promote_types(x.dtype, jnp.float32)  # (as _sample_mean's dot: a half-precision sum may overflow)
+  n = per_feature_sum(sampled.astype(real_dtype(wide)))
+  shift = (per_feature_sum(jnp.where(sampled, sample, 0.0).astype(wide)) / jnp.maximum(n, 1.0)).astype(x.dtype)
   enough = n * SHIFT_FRACTION >= count  # (count 0: nothing to sample, and the shift 0 will do)
 
   def whole():

@@ -23,20 +23,23 @@ same images, round-robin repeats.
 
 Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
 implementation must move (read x, write y; read x and dy, write dx: 5 x the tensor) and the achieved
-GB/s; the implementations take turns (round-robin repeats of about 50 ms each), and each one's time over
-Flax's is the median of the per-repeat ratios.
+GB/s; the implementations take turns (round-robin repeats of about 50 ms each, in a random order), and each
+one's time over Flax's is the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +62,19 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def rotated(items: list, i: int) -> list:
-  """``items`` starting at the ``i``-th (cyclically): round-robin repeats take turns in a rotating order, so that
-  no one runs always right after the same other one (PyTorch's threads spin a while after each call, which slowed
-  whatever ran next by up to 20% in the op section)."""
-  k = i % len(items) if items else 0
-  return items[k:] + items[:k]
+def round_robin(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """The seconds of every call of each of ``runs`` over ``repeats`` rounds, each round calling every one once in
+  a random order (seeded): a slow spell of a shared machine hits all alike, and none runs right after the same
+  other one more often than chance. (PyTorch's threads spin a while after each call and slow whatever runs next:
+  in a fixed order, bnjax's op, always right after PyTorch's, by up to 20%.)"""
+  rng = random.Random(0)
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name in rng.sample(list(runs), len(runs)):
+      t0 = time.perf_counter()
+      runs[name]()
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 def try_import_torch():
@@ -215,10 +225,8 @@ def bench_op_shape(torch, shape, repeats: int, seconds_per_repeat: float = 0.05)
     runners["torch F.batch_norm (NCHW)"] = _torch_op_runner(torch, x, dy)
   one = _median_time(lambda: runners["flax.linen.BatchNorm"](1), 3)[0]
   inner = max(1, min(1000, round(seconds_per_repeat / max(one, 1e-9))))
-  times = {name: [] for name in runners}
-  for i in range(repeats):  # round-robin: a slow spell of a shared machine hits every implementation alike
-    for name, run in rotated(list(runners.items()), i):
-      times[name].append(_median_time(lambda run=run: run(inner), 1)[0] / inner)
+  calls = {name: functools.partial(run, inner) for name, run in runners.items()}
+  times = {name: [t / inner for t in ts] for name, ts in round_robin(calls, repeats).items()}
   flax_times = times["flax.linen.BatchNorm"]
   bytes_moved = 5 * x.size * 4
   return [
@@ -268,12 +276,7 @@ def bench_inference(images: np.ndarray, batch_size: int, repeats: int) -> dict:
     "LeNet + bnjax.BatchNorm, eval mode": program(LeNet(norm="ours"), variables),
     "LeNet with BN folded into conv/dense": program(LeNet(norm="none"), folded),
   }
-  times = {name: [] for name in runs}
-  for i in range(repeats):  # round-robin, as for the training rows
-    for name, (run, _) in rotated(list(runs.items()), i):
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
+  times = round_robin({name: run for name, (run, _) in runs.items()}, repeats)
   rows = [
     {
       "name": name,
@@ -510,13 +513,7 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
       ("PyTorch eager, nn.BatchNorm2d/1d", lambda: setup_torch(torch, "nn", images, labels, bs)),
     ]
   runners = [(name, *setup()) for name, setup in setups]
-  times = {name: [] for name, _, _ in runners}
-  # Round-robin repeats: a slow spell of a shared machine hits every row alike, not one row.
-  for i in range(args.repeats):
-    for name, run, _ in rotated(runners, i):
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
+  times = round_robin({name: run for name, run, _ in runners}, args.repeats)
   rows = []
   for name, _, first in runners:
     median = statistics.median(times[name])

@@ -207,23 +207,30 @@ def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_
   assert rel < 5e-5, f"stable variance relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("valid", ["late padding", "early padding", "one sampled"])
+@pytest.mark.parametrize("valid", ["late padding", "early padding", "one sampled", "each feature its own"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["NF", "FN"])
 def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, axis, valid):
   """With a mask the shift is the valid values' mean over the same first sixth when that holds at least a sixth of
   them, else over all of them. The sixth is 100 std off the rest and padding is inf: with the padding late, early
   (nothing valid sampled: a zero shift was off by a factor 100) or leaving one of 427 valid values in the sixth
-  (a shift from it alone: off by 1e-4), the variance of the valid values stays within 5e-5."""
+  (a shift from it alone: off by 1e-4), or each feature padded its own way, the variance of the valid values
+  stays within 5e-5."""
   locations = np.array([1e4, -3e4, 2e4, -1e4, 5e3, 3e4], np.float64)
   x = rng.standard_normal((512, 6)) + locations
   sampled = -(-512 // SHIFT_FRACTION)
   x[:sampled] += 100.0
   rows = np.arange(512)
-  mask = {"late padding": rows < 300, "early padding": rows >= 400, "one sampled": rows >= sampled - 1}[valid]
+  masks = {"late padding": rows < 300, "early padding": rows >= 400, "one sampled": rows >= sampled - 1}
+  if valid == "each feature its own":  # features 0, 1 and 5 sample enough valid values, 2 to 4 do not
+    kinds = ("late padding", "late padding", "early padding", "one sampled", "early padding", "late padding")
+    mask = np.stack([masks[k] for k in kinds], 1)
+  else:
+    mask = masks[valid][:, None]
+  mask = np.broadcast_to(mask, x.shape)
   x[~mask] = np.inf
   x = x.astype(np.float32)
-  exact = x[mask].astype(np.float64).var(axis=0)
-  x, mask = (x, mask[:, None]) if axis == -1 else (x.T, mask[None, :])
+  exact = np.array([x[mask[:, f], f].astype(np.float64).var() for f in range(6)])
+  x, mask = (x, mask) if axis == -1 else (x.T, mask.T)
   _, stats = batch_norm(
     x, None, None, init_batch_stats(6), use_running_average=False, momentum=0.0, axis=axis, mask=mask
   )

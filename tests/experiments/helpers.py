@@ -47,9 +47,10 @@ def new_state(model, key, lr):
   return train.create_train_state(train.linen_apply(model), init_lenet(model, key), lr)
 
 
-def lenet_compiled_ahead(train_data, test_data, lr, *, store=None, **compile_ahead):
+def lenet_compiled_ahead(train_data, test_data, lr, *, store=None, batch_size=64, **compile_ahead):
   """``(state, shuffle key, futures)``: a linen LeNet (ours) whose epoch's and evaluation's programs
-  ``train.compile_ahead`` prepares from the state's shapes (batch 64; ``store``: loaded from it or saved to it)."""
+  ``train.compile_ahead`` prepares from the state's shapes (``batch_size``; ``store``: loaded from it or saved
+  to it)."""
   import functools
 
   import jax
@@ -65,7 +66,7 @@ def lenet_compiled_ahead(train_data, test_data, lr, *, store=None, **compile_ahe
     return train.create_train_state(apply, variables, lr)
 
   shapes = jax.eval_shape(create, train.init_run_shapes(init, 0)[0])
-  futures = train.compile_ahead(shapes, train_data, test_data, 64, store=store, **compile_ahead)
+  futures = train.compile_ahead(shapes, train_data, test_data, batch_size, store=store, **compile_ahead)
   variables, key = train.init_run(init, 0, store)
   return create(variables), key, futures
 

@@ -21,12 +21,12 @@ def small(tmp_path_factory):
   return Data.put(*ds[:2]), Data.put(*ds[2:4])
 
 
-def run(small, loop, epochs=2, norm="ours", seed=0, lr=0.5):
+def run(small, loop, epochs=2, norm="ours", seed=0, lr=0.5, batch_size=64):
   train_data, test_data = small
   state = new_state(LeNet(norm=norm), jax.random.key(seed), lr)
   history = []
   for epoch in range(epochs):
-    state, m = train.train_epoch(state, train_data, jax.random.key(100 + epoch), 64, loop=loop, scan_chunk=3)
+    state, m = train.train_epoch(state, train_data, jax.random.key(100 + epoch), batch_size, loop=loop, scan_chunk=3)
     history.append(train.summarize(m))
   return state, history, train.summarize(train.evaluate(state, test_data, batch_size=64))
 
@@ -42,9 +42,10 @@ def test_loss_falls_and_the_model_learns(small, norm):
 
 
 @pytest.mark.slow
-def test_step_and_scan_loops_give_the_same_state(small):
-  state_step, hist_step, _ = run(small, "step")
-  state_scan, hist_scan, _ = run(small, "scan")
+@pytest.mark.parametrize("batch_size", [64, 96], ids=["whole batches", "masked: a padded remainder"])
+def test_step_and_scan_loops_give_the_same_state(small, batch_size):
+  state_step, hist_step, _ = run(small, "step", batch_size=batch_size)
+  state_scan, hist_scan, _ = run(small, "scan", batch_size=batch_size)
   assert_trees_close(
     (state_scan.params, state_scan.batch_stats), (state_step.params, state_step.batch_stats), "framework"
   )
@@ -276,13 +277,18 @@ def test_several_seeds_do_not_combine_with_a_mesh(small):
 
 
 @pytest.mark.slow
-def test_programs_compiled_ahead_from_the_states_shapes_are_the_ones_the_epoch_and_evaluation_run(small, caplog):
+@pytest.mark.parametrize("batch_size", [64, 96], ids=["whole batches", "masked: a padded remainder"])
+def test_programs_compiled_ahead_from_the_states_shapes_are_the_ones_the_epoch_and_evaluation_run(
+  small, caplog, batch_size
+):
   train_data, test_data = small
-  state, key, futures = lenet_compiled_ahead(train_data, test_data, 0.375, scan_chunk=3, eval_batch_size=64)
+  state, key, futures = lenet_compiled_ahead(
+    train_data, test_data, 0.375, batch_size=batch_size, scan_chunk=3, eval_batch_size=64
+  )
   for future in futures:
     future.result()
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-    state, _ = train.train_epoch(state, train_data, key, 64, epoch=0, scan_chunk=3)
+    state, _ = train.train_epoch(state, train_data, key, batch_size, epoch=0, scan_chunk=3)
     jax.block_until_ready(train.evaluate(state, test_data, batch_size=64))
   compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
   assert compiled == []  # the epoch start, the training steps' scan and the evaluation were all compiled ahead
