@@ -1,7 +1,7 @@
 """Compiled programs kept on disk, so that a later run loads them instead of tracing, lowering and compiling.
 
 JAX's persistent compilation cache (:mod:`compile_cache`) saves XLA's compilation, but a run still traces its
-Python and lowers it to StableHLO to compute that cache's key: for LeNet's four programs about 3 s of a
+Python and lowers it to StableHLO to compute that cache's key: for LeNet's programs about 3 s of a
 2-core CPU's time on every run. A :class:`ProgramStore` keys each program instead by what determines it without
 tracing: the source of ``bnjax`` and of this experiment, the versions of jax, jaxlib, flax, optax and numpy,
 the device and the CPU, JAX's configuration and ``XLA_FLAGS``, the model's settings (``context``), and the
