@@ -477,8 +477,8 @@ def epoch_calls(
   examples, its batches in scan chunks (or one per call with ``loop="step"``), and whether they are masked.
 
   They are when the epoch ends with a remainder batch: every step then masks, the remainder's padding and
-  nothing in a full batch, so that the remainder runs in the same compiled program as the full batches (one
-  program to compile instead of two, at about 2% of a masked step's time on LeNet).
+  nothing in a full batch, so that the remainder runs in the same compiled program as the full batches: one
+  program to compile instead of two, for about 2% more time a step on LeNet.
   """
   if batch_size < 1:
     raise ValueError(f"`batch_size` is {batch_size}, but should be at least 1.")
