@@ -94,6 +94,13 @@ SPELLED_BYTES = 4 * 2**20
 SHIFT_FRACTION = 6
 
 
+def _sample(a, layout: Layout):
+  """The sample the shift is taken from: the first ``ceil(n / SHIFT_FRACTION)`` of the ``n`` slices of a
+  working-shape ``a`` (the input, or its mask) along its first reduction axis."""
+  axis = layout.reduction_axes[0]
+  return lax.slice_in_dim(a, 0, -(-a.shape[axis] // SHIFT_FRACTION), axis=axis)
+
+
 def _sample_mean(x, layout: Layout):
   """Per-feature mean of the first ``ceil(n / SHIFT_FRACTION)`` of the ``n`` slices of ``x`` along its first
   reduction axis (the first sixth of the images of NHWC, of the rows of every image of CHWN): a shift near
@@ -106,8 +113,8 @@ def _sample_mean(x, layout: Layout):
   axis = layout.reduction_axes[0]
   if x.shape[axis] == 0:  # nothing to sample (and no statistics: the count is 0), any shift will do
     return layout.per_feature_to_work(jnp.zeros(layout.feature_shape, x.dtype))
-  size = -(-x.shape[axis] // SHIFT_FRACTION)
-  sample = lax.slice_in_dim(x, 0, size, axis=axis)
+  sample = _sample(x, layout)
+  size = sample.shape[axis]
   if axis == 0:
     # A leading block, averaged over its slices by a dot with constant weights: on XLA:CPU 4-5x faster than
     # a reduction over the block (256x24x24x6: 46 us against 190 us). In at least float32, as a mean would
@@ -127,9 +134,7 @@ def _masked_sample_mean(x, mask, count, layout: Layout):
   where the sample holds at least ``1 / SHIFT_FRACTION`` of the feature's ``count`` valid values, which keeps
   the same bound whatever the mask; elsewhere (padding early in ``x``: few or no valid values sampled) the
   masked mean of all of ``x``, a second full pass that runs only when some feature needs it."""
-  axis = layout.reduction_axes[0]
-  size = -(-x.shape[axis] // SHIFT_FRACTION)
-  sample, sampled = (lax.slice_in_dim(a, 0, size, axis=axis) for a in (x, mask))
+  sample, sampled = _sample(x, layout), _sample(mask, layout)
 
   def per_feature_sum(v):
     return layout.per_feature_to_work(jnp.sum(v, axis=layout.reduction_axes).reshape(layout.feature_shape))
