@@ -102,10 +102,13 @@ def machine() -> str:
   return f"{dev.platform}:{dev.id} {dev.device_kind}; host {cpu}, {cores} cores, {memory:.0f} GiB; {versions}"
 
 
-def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str, api: str = "linen"):
+def setup_bnjax(
+  norm: str, images: np.ndarray, labels: np.ndarray, batch_size: int, loop: str, api: str = "linen", seeds: int = 1
+):
   """Returns ``(run, first_call_seconds)``: ``run()`` trains one pass over the data, warm.
 
-  ``api="nnx"`` trains the NNX LeNet (with ``bnjax.nnx.BatchNorm``) in the same loop.
+  ``api="nnx"`` trains the NNX LeNet (with ``bnjax.nnx.BatchNorm``) in the same loop. ``seeds`` > 1 trains that
+  many seeds side by side in one program, as ``--seeds`` does (each seed one pass over the data).
   """
   data = train.Data.put(images, labels)
   model = LeNet(norm=norm)
@@ -114,15 +117,20 @@ def setup_bnjax(norm: str, images: np.ndarray, labels: np.ndarray, batch_size: i
     from flax import nnx
 
     apply = train.nnx_apply(NNXLeNet(norm, rngs=nnx.Rngs(0)))
-  state = train.create_train_state(apply, init_lenet(model, jax.random.key(0)), 1.0)
+  replicated = seeds > 1
+  variables, key = train.init_run(functools.partial(init_lenet, model), list(range(seeds)) if replicated else 0)
+  state = train.create_train_state(apply, variables, 1.0, replicated=replicated)
   t0 = time.perf_counter()
-  state, m = train.train_epoch(state, data, jax.random.key(0), batch_size, loop=loop)
+  state, m = train.train_epoch(state, data, key, batch_size, epoch=0, loop=loop, replicated=replicated)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
-  holder = {"state": state}
+  holder = {"state": state, "epoch": 1}
 
   def run():
-    holder["state"], m = train.train_epoch(holder["state"], data, jax.random.key(1), batch_size, loop=loop)
+    holder["state"], m = train.train_epoch(
+      holder["state"], data, key, batch_size, epoch=holder["epoch"], loop=loop, replicated=replicated
+    )
+    holder["epoch"] += 1
     jax.block_until_ready(m)
 
   run()  # warm-up
@@ -474,6 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; quick 1)")
   p.add_argument("--batch-size", type=int, default=256)
   p.add_argument("--loop", choices=train.LOOPS, default="auto")
+  p.add_argument(
+    "--seeds", type=int, default=None, help="a row training this many seeds side by side (default 8; quick 2; 1: none)"
+  )
   p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows")
   p.add_argument("--no-ops", action="store_true", help="leave out the op-level section")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -489,6 +500,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--pairs ({args.pairs}) and --epochs ({args.epochs}) should be at least 1")
   args.steps = args.steps or (3 if args.quick else 60)
   args.repeats = args.repeats or (1 if args.quick else 5)
+  if args.seeds is not None and args.seeds < 1:
+    p.error(f"--seeds ({args.seeds}) should be at least 1")
+  args.seeds = args.seeds or (2 if args.quick else 8)
   return args
 
 
@@ -507,6 +521,10 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
     ("bnjax LeNet + flax.linen.BatchNorm", lambda: setup_bnjax("flax", images, labels, bs, args.loop)),
     ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop, api="nnx")),
   ]
+  if args.seeds > 1:
+    setups.append(
+      (seeds_row(args.seeds), lambda: setup_bnjax("ours", images, labels, bs, args.loop, seeds=args.seeds))
+    )
   if torch is not None:
     setups += [
       ("PyTorch eager, chapter's scratch BatchNorm", lambda: setup_torch(torch, "scratch", images, labels, bs)),
@@ -517,19 +535,27 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
   rows = []
   for name, _, first in runners:
     median = statistics.median(times[name])
+    seeds = args.seeds if name == seeds_row(args.seeds) else 1
     rows.append(
       {
         "name": name,
         "seconds": median,
         "all_seconds": times[name],
         "first_call_seconds": first,
-        "examples_per_sec": n / median,
+        "examples_per_sec": seeds * n / median,  # (every seed's examples)
       }
     )
+    if seeds > 1:  # the time of all seeds over one seed's, round by round: 8x is no gain and no loss
+      one = times["bnjax LeNet + bnjax.BatchNorm"]
+      rows[-1].update(seeds=seeds, time_vs_one_seed=statistics.median(a / b for a, b in zip(times[name], one)))
   ref = next((r for r in rows if "nn.BatchNorm2d" in r["name"]), None)
   for r in rows:
     r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
   return rows, images
+
+
+def seeds_row(seeds: int) -> str:
+  return f"bnjax LeNet + bnjax.BatchNorm, {seeds} seeds"
 
 
 def print_training_rows(rows: list[dict]) -> None:
@@ -541,6 +567,12 @@ def print_training_rows(rows: list[dict]) -> None:
   print(f"bnjax.BatchNorm / flax.linen.BatchNorm throughput: {ours_flax:.3f}")
   nnx_linen = rows[2]["examples_per_sec"] / rows[0]["examples_per_sec"]
   print(f"NNX / linen throughput (both with bnjax's BatchNorm): {nnx_linen:.3f}")
+  for r in rows:
+    if "seeds" in r:
+      print(
+        f"{r['seeds']} seeds side by side (one program, --seeds) / one seed, time: {r['time_vs_one_seed']:.2f}x "
+        f"(median of per-round ratios; {r['seeds']}x: no gain, no loss)"
+      )
 
 
 def print_inference(inference: dict) -> None:

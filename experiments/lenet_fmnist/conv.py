@@ -112,9 +112,19 @@ def conv2d_valid(
 
 def _shifted_planes(x: jax.Array, kh: int, kw: int) -> jax.Array:
   """(kh*kw*C, H', W', N): the CHWN ``x``'s k*k shifted windows stacked along the leading axis, in
-  (kh, kw, C) order (the HWIO kernel's row-major order)."""
-  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  return jnp.concatenate([x[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)], axis=0)
+  (kh, kw, C) order (the HWIO kernel's row-major order).
+
+  A loop over the windows, one block copy each: XLA:CPU compiles it as one kernel, where k*k slices are k*k
+  kernels (each about as long to compile as any other), and runs it as fast. For LeNet that is 48 kernels fewer
+  in the training step (a fifth of its compilation) and 24 in the evaluation's.
+  """
+  c, h, w, n = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+
+  def window(t):
+    return lax.dynamic_slice(x, (0, t // kw, t % kw, 0), (c, ho, wo, n))
+
+  return lax.map(window, jnp.arange(kh * kw)).reshape(kh * kw * c, ho, wo, n)
 
 
 def _conv_planes(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:

@@ -16,10 +16,13 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
     "bnjax LeNet + bnjax.BatchNorm",
     "bnjax LeNet + flax.linen.BatchNorm",
     "bnjax NNXLeNet + bnjax.nnx.BatchNorm",
+    "bnjax LeNet + bnjax.BatchNorm, 2 seeds",
     "PyTorch eager, chapter's scratch BatchNorm",
     "PyTorch eager, nn.BatchNorm2d/1d",
   ]
   assert all(r["examples_per_sec"] > 0 and r["ratio_to_torch_nn_bn"] > 0 for r in result["model"])
+  assert [r.get("seeds") for r in result["model"]] == [None, None, None, 2, None, None]
+  assert result["model"][3]["time_vs_one_seed"] > 0
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
   assert all(r["gb_per_s"] > 0 and r["vs_flax"] > 0 for r in result["ops"])
   assert {r["vs_flax"] for r in result["ops"] if r["impl"] == "flax.linen.BatchNorm"} == {1.0}
@@ -34,6 +37,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
     and "GB/s" in out
     and "x Flax" in out
     and "NNX / linen throughput" in out
+    and "2 seeds side by side (one program, --seeds) / one seed, time:" in out
     and "folded / BN throughput" in out
     and (tmp_path / "bench.json").exists()
   )
@@ -42,7 +46,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
 @pytest.mark.slow
 def test_without_torch_the_torch_rows_are_skipped_with_a_note(monkeypatch, capsys):
   monkeypatch.setattr(bench, "try_import_torch", lambda: None)
-  result = bench.main(["--quick", "--steps", "2", "--no-ops"])
+  result = bench.main(["--quick", "--steps", "2", "--no-ops", "--seeds", "1"])
   assert len(result["model"]) == 3 and all(r["ratio_to_torch_nn_bn"] is None for r in result["model"])
   assert "torch is not installed, so the PyTorch rows are skipped" in capsys.readouterr().out
 
