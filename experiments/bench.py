@@ -522,9 +522,7 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
     ("bnjax NNXLeNet + bnjax.nnx.BatchNorm", lambda: setup_bnjax("ours", images, labels, bs, args.loop, api="nnx")),
   ]
   if args.seeds > 1:
-    setups.append(
-      (seeds_row(args.seeds), lambda: setup_bnjax("ours", images, labels, bs, args.loop, seeds=args.seeds))
-    )
+    setups.append((seeds_row(args.seeds), lambda: setup_bnjax("ours", images, labels, bs, args.loop, seeds=args.seeds)))
   if torch is not None:
     setups += [
       ("PyTorch eager, chapter's scratch BatchNorm", lambda: setup_torch(torch, "scratch", images, labels, bs)),
@@ -547,7 +545,8 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
     )
     if seeds > 1:  # the time of all seeds over one seed's, round by round: 8x is no gain and no loss
       one = times["bnjax LeNet + bnjax.BatchNorm"]
-      rows[-1].update(seeds=seeds, time_vs_one_seed=statistics.median(a / b for a, b in zip(times[name], one)))
+      ratios = [a / b for a, b in zip(times[name], one, strict=True)]
+      rows[-1].update(seeds=seeds, time_vs_one_seed=statistics.median(ratios))
   ref = next((r for r in rows if "nn.BatchNorm2d" in r["name"]), None)
   for r in rows:
     r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
