@@ -15,7 +15,9 @@ Model section: the chapter's LeNet at batch 256, float32, SGD lr 1.0, the same r
 Fashion-MNIST-sized data for every row. bnjax rows run the experiment's ``train.train_epoch`` (data on the
 device, on-device shuffle, scan-driven loop); PyTorch rows run the chapter's eager loop (forward,
 cross-entropy, backward, ``SGD.step``). Warm-up is excluded; the first (compiling) call is reported
-apart; figures are the median of ``--repeats`` timed runs of ``--steps`` steps.
+apart; figures are the median of ``--repeats`` timed runs of ``--steps`` steps. One more row trains ``--seeds``
+seeds side by side (the experiment's ``--seeds`` program, each seed one pass), with their time over one
+seed's, the median of the per-round ratios.
 
 Inference section: evaluation-mode logits of the BN LeNet against the same network with every BN folded
 into the conv/dense layer before it (``models.fold_lenet``), one jitted program each over the

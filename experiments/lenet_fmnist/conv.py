@@ -115,8 +115,8 @@ def _shifted_planes(x: jax.Array, kh: int, kw: int) -> jax.Array:
   (kh, kw, C) order (the HWIO kernel's row-major order).
 
   A loop over the windows, one block copy each: XLA:CPU compiles it as one kernel, where k*k slices are k*k
-  kernels (each about as long to compile as any other), and runs it as fast. For LeNet that is 48 kernels fewer
-  in the training step (a fifth of its compilation) and 24 in the evaluation's.
+  kernels (each about as long to compile as any other), and runs it as fast. With it LeNet's training step
+  compiles 148 kernels and its evaluation 29; with slices, 192 and 50.
   """
   c, h, w, n = x.shape
   ho, wo = h - kh + 1, w - kw + 1
