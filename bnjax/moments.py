@@ -21,13 +21,13 @@ def _abs2(v: jax.Array) -> jax.Array:
   return v * v
 
 
-def local_moments(x, layout: Layout, mask):
+def local_moments(x, layout: Layout, mask, mask_uniform_axes: tuple[int, ...] = ()):
   """Per-feature (count, mean, M2 = sum of squared deviations) of this shard (see ``_shifted_moments``)."""
-  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask)
+  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask, mask_uniform_axes)
   return count, m1 + mean_d, m2
 
 
-def _shifted_moments(x, layout: Layout, mask):
+def _shifted_moments(x, layout: Layout, mask, mask_uniform_axes: tuple[int, ...] = ()):
   """Per-feature (count, m1, mean_d, M2 = sum of squared deviations) of this shard: the mean is ``m1 + mean_d``.
 
   Shifted form: the deviations ``d = x - m1`` from a shift ``m1`` near the mean give the mean's remainder
@@ -39,7 +39,8 @@ def _shifted_moments(x, layout: Layout, mask):
   ``1 + (m1 - mean)^2 / var`` of float32 precision: at most 6 whatever the data (and mask), about 1 typically.
 
   With a mask the count may be 0 (a fully padded shard or feature): then mean and M2 are 0 and the
-  count stays 0, so the shard drops out of any combination by counts.
+  count stays 0, so the shard drops out of any combination by counts. ``mask_uniform_axes``: axes of ``x``
+  along which the mask is known not to vary (from its shape before broadcasting).
 
   The mean is returned in two parts because ``x - mean`` is best computed as ``(x - m1) - mean_d``: the
   rounded sum ``m1 + mean_d`` is off by up to half a unit in the last place of the data's magnitude, which
@@ -53,7 +54,7 @@ def _shifted_moments(x, layout: Layout, mask):
   else:
     count = layout.sum(mask.astype(real_dtype(x.dtype)))
     safe = jnp.maximum(count, 1.0)
-    m1 = lax.stop_gradient(_masked_sample_mean(x, mask, count, layout))
+    m1 = lax.stop_gradient(_masked_sample_mean(x, mask, count, layout, mask_uniform_axes))
     # Zero the masked positions before squaring so padding (even inf) never leaks into values or grads.
     d = jnp.where(mask, x - layout.expand(m1), 0.0)
     mean_d = layout.sum(d) / safe
@@ -129,11 +130,22 @@ def _sample_mean(x, layout: Layout):
   return layout.per_feature_to_work(jnp.reshape(shift, layout.feature_shape).astype(x.dtype))
 
 
-def _masked_sample_mean(x, mask, count, layout: Layout):
+# Masked inputs smaller than this take their shift from all of their valid values (one more pass, which at these
+# sizes costs less than the sample's check and the program that carries it).
+WHOLE_MEAN_BYTES = 2**18
+
+
+def _masked_sample_mean(x, mask, count, layout: Layout, mask_uniform_axes: tuple[int, ...] = ()):
   """Per-feature masked mean of :func:`_sample_mean`'s sample (its first ``ceil(n / SHIFT_FRACTION)`` slices)
   where the sample holds at least ``1 / SHIFT_FRACTION`` of the feature's ``count`` valid values, which keeps
   the same bound whatever the mask; elsewhere (padding early in ``x``: few or no valid values sampled) the
-  masked mean of all of ``x``, a second full pass that runs only when some feature needs it."""
+  masked mean of all of ``x``, a second full pass that runs only when some feature needs it.
+
+  A mask that does not vary along the sampled axis (it is in ``mask_uniform_axes``), e.g. a per-example mask of
+  CHWN activations, sampled along H, leaves every slice the same share of the valid values: the sample always
+  holds enough, and the check and the second pass are left out of the program."""
+  if layout.reduction_axes[0] not in mask_uniform_axes and x.size * x.dtype.itemsize < WHOLE_MEAN_BYTES:
+    return layout.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1.0)  # (small: one pass, and no check)
   sample, sampled = _sample(x, layout), _sample(mask, layout)
 
   def per_feature_sum(v):
@@ -142,6 +154,8 @@ def _masked_sample_mean(x, mask, count, layout: Layout):
   wide = jnp.promote_types(x.dtype, jnp.float32)  # (as _sample_mean's dot: a half-precision sum may overflow)
   n = per_feature_sum(sampled.astype(real_dtype(wide)))
   shift = (per_feature_sum(jnp.where(sampled, sample, 0.0).astype(wide)) / jnp.maximum(n, 1.0)).astype(x.dtype)
+  if layout.reduction_axes[0] in mask_uniform_axes:
+    return shift
   enough = n * SHIFT_FRACTION >= count  # (count 0: nothing to sample, and the shift 0 will do)
 
   def whole():
@@ -168,6 +182,7 @@ def batch_moments(
   axis_name: str | None = None,
   axis_index_groups: Any = None,
   use_fast_variance: bool = False,
+  mask_uniform_axes: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
   """Per-feature ``(mean, biased var, count, center)`` of a working-shape ``x`` (and across ``axis_name``).
 
@@ -175,6 +190,7 @@ def batch_moments(
   variance on one shard), else None.
 
   ``x`` (and ``mask``) should already be in the reduction dtype and ``layout``'s working shape.
+  ``mask_uniform_axes``: axes along which the mask is known not to vary (a promise: it spares the shift's check).
   Across a named axis the shards' moments travel in one collective: a gather (as one ``psum``) of
   every shard's (count, mean, M2), combined with Chan et al.'s formula for the stable variance, or
   one ``psum`` of (count, sum, sum of squares) for the fast one.
@@ -191,7 +207,7 @@ def batch_moments(
     var = jnp.where(jnp.isinf(s2), s2, jnp.maximum(s2 / safe - _abs2(mean), 0.0))
     return mean, var, jnp.broadcast_to(count, mean.shape), None
 
-  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask)
+  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask, mask_uniform_axes)
   mean, center = m1 + mean_d, (m1, mean_d)
   if axis_name is not None:
     center = None  # the combined mean is rounded once more; (x - m1) would not make it exact

@@ -57,12 +57,13 @@ def normalize_by_batch(
   axis_name: str | None = None,
   axis_index_groups: Any = None,
   use_fast_variance: bool = False,
+  mask_uniform_axes: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """``(y, mean, var, count)``: ``y = scale * xhat + bias`` with ``xhat`` standardized by batch statistics.
 
   ``x`` and ``mask`` are in ``layout``'s working shape, ``scale``/``bias`` and the per-feature results
-  in its per-feature shape. Differentiation uses the closed form, as a custom JVP so forward and
-  reverse mode both work:
+  in its per-feature shape (``mask_uniform_axes``: as :func:`~bnjax.moments.batch_moments` has it).
+  Differentiation uses the closed form, as a custom JVP so forward and reverse mode both work:
 
       dy = xhat dscale + dbias + k (dx - E[dx] - xhat re E[conj(xhat) dx]),   k = scale * rsqrt(var + epsilon)
 
@@ -79,6 +80,7 @@ def normalize_by_batch(
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
     use_fast_variance=use_fast_variance,
+    mask_uniform_axes=mask_uniform_axes,
   )
   per_feature = layout.expand
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from bnjax import BatchStats, batch_norm, init_batch_stats
-from bnjax.moments import SHIFT_FRACTION, SPELLED_BYTES
+from bnjax.moments import SHIFT_FRACTION, SPELLED_BYTES, WHOLE_MEAN_BYTES
 from tests.helpers import CPU_DEVICES
 from tests.tolerance import assert_trees_close
 
@@ -209,18 +209,24 @@ def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_
 
 @pytest.mark.parametrize("valid", ["late padding", "early padding", "one sampled", "each feature its own"])
 @pytest.mark.parametrize("axis", [-1, 0], ids=["NF", "FN"])
-def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, axis, valid):
+@pytest.mark.parametrize("n", [512, 12288], ids=["small: the whole mean", "sampled"])
+def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, n, axis, valid):
   """With a mask the shift is the valid values' mean over the same first sixth when that holds at least a sixth of
-  them, else over all of them. The sixth is 100 std off the rest and padding is inf: with the padding late, early
-  (nothing valid sampled: a zero shift was off by a factor 100) or leaving one of 427 valid values in the sixth
-  (a shift from it alone: off by 1e-4), or each feature padded its own way, the variance of the valid values
-  stays within 5e-5."""
+  them, else over all of them (and over all of them for an input under WHOLE_MEAN_BYTES). The sixth is 100 std
+  off the rest and padding is inf: with the padding late, early (nothing valid sampled: a zero shift was off by a
+  factor 100) or leaving one valid value in the sixth (a shift from it alone: off by 1e-4), or each feature padded
+  its own way, the variance of the valid values stays within 5e-5."""
+  assert (n * 6 * 4 < WHOLE_MEAN_BYTES) == (n == 512)
   locations = np.array([1e4, -3e4, 2e4, -1e4, 5e3, 3e4], np.float64)
-  x = rng.standard_normal((512, 6)) + locations
-  sampled = -(-512 // SHIFT_FRACTION)
+  x = rng.standard_normal((n, 6)) + locations
+  sampled = -(-n // SHIFT_FRACTION)
   x[:sampled] += 100.0
-  rows = np.arange(512)
-  masks = {"late padding": rows < 300, "early padding": rows >= 400, "one sampled": rows >= sampled - 1}
+  rows = np.arange(n)
+  masks = {
+    "late padding": rows < n * 300 // 512,
+    "early padding": rows >= n * 400 // 512,
+    "one sampled": rows >= sampled - 1,
+  }
   if valid == "each feature its own":  # features 0, 1 and 5 sample enough valid values, 2 to 4 do not
     kinds = ("late padding", "late padding", "early padding", "one sampled", "early padding", "late padding")
     mask = np.stack([masks[k] for k in kinds], 1)
@@ -236,6 +242,51 @@ def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, axis
   )
   rel = np.max(np.abs(np.asarray(stats.var, np.float64) - exact) / exact)
   assert rel < 5e-5, f"stable variance relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("rows, checks", [(256, False), (4096, True)], ids=["small", "large"])
+def test_a_small_masked_input_takes_its_shift_from_all_its_valid_values_with_no_check(rng, rows, checks):
+  x = rng.standard_normal((rows, 120)).astype(np.float32)
+  assert (x.nbytes >= WHOLE_MEAN_BYTES) == checks
+  mask = (np.arange(rows) < rows - 96)[:, None]
+  bn = functools.partial(batch_norm, use_running_average=False, momentum=0.0, mask=mask)
+  jaxpr = str(jax.make_jaxpr(lambda x: bn(x, None, None, init_batch_stats(120)))(x))
+  assert ("cond[" in jaxpr) == checks
+  _, stats = bn(x, None, None, init_batch_stats(120))
+  exact = x[: rows - 96].astype(np.float64)
+  assert_trees_close((stats.mean, stats.var), (exact.mean(0), exact.var(0)))
+
+
+def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_bits(rng):
+  """A per-example mask of CHWN activations (features first, examples last) does not vary along H, the axis the
+  shift's sample is taken from: every slice holds the same share of the valid values, so the program carries no
+  check (no ``cond``) and no second pass for it. The values and gradients are those of the same mask given at
+  full size, which makes no such promise and is checked."""
+  x = (3.0 + rng.standard_normal((6, 24, 24, 32))).astype(np.float32)
+  assert x.nbytes >= WHOLE_MEAN_BYTES  # (smaller inputs take the whole mean, with no check either)
+  keep = np.arange(32) < 20
+  x[..., ~keep] = np.inf  # padding, which must reach nothing
+  small, full = keep.reshape(1, 1, 1, 32), np.broadcast_to(keep, x.shape)
+  gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+  w = rng.standard_normal(x.shape).astype(np.float32)
+
+  def loss(x, gamma, beta, mask):
+    y, stats = batch_norm(x, gamma, beta, init_batch_stats(6), use_running_average=False, axis=0, mask=mask)
+    return jnp.sum(jnp.where(mask, w * y, 0.0)), (y, stats)
+
+  def conds(mask):
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, mask)).count("cond[")
+
+  assert conds(small) == 0 and conds(full) > 0
+  results = [jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, m) for m in (small, full)]
+  leaves = [
+    np.asarray(jnp.where(full, a, 0.0)) if a.shape == x.shape else np.asarray(a) for a in jax.tree.leaves(results[0])
+  ]
+  others = [
+    np.asarray(jnp.where(full, a, 0.0)) if a.shape == x.shape else np.asarray(a) for a in jax.tree.leaves(results[1])
+  ]
+  assert all(np.array_equal(a, b) for a, b in zip(leaves, others, strict=True))
+  assert all(np.all(np.isfinite(a)) for a in leaves)
 
 
 @pytest.mark.parametrize("shape", [(512, 4), (64, 8, 8, 4)], ids=["dense", "folded NHWC"])

@@ -219,6 +219,22 @@ def test_nnx_apply_refuses_variables_of_another_model():
     apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)
 
 
+def test_the_initialization_compiled_for_compile_time_gives_the_default_compilations_bits():
+  model = LeNet()
+  init = lambda key: init_lenet(model, key)  # noqa: E731
+  plain = jax.jit(train._init_one, static_argnums=0)  # (a jit of its own: XLA's default options)
+
+  def bits(tree):
+    return [np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a) for a in tree]
+
+  for seed in [0, 1, 7, 2**32 - 1]:
+    got, want = jax.tree.leaves(train.init_run(init, seed)), jax.tree.leaves(plain(init, np.uint32(seed)))
+    assert all(np.array_equal(a, b) for a, b in zip(bits(got), bits(want), strict=True)), seed
+  stacked = jax.tree.leaves(train.init_run(init, [0, 7]))
+  single = jax.tree.leaves(train.init_run(init, 7))
+  assert all(np.array_equal(a[1], b) for a, b in zip(bits(stacked), bits(single), strict=True))
+
+
 # --- several seeds side by side, weight averaging (issue 19) ----------------------------------------
 
 
