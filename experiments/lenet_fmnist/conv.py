@@ -116,7 +116,7 @@ def _shifted_planes(x: jax.Array, kh: int, kw: int) -> jax.Array:
 
   A loop over the windows, one block copy each: XLA:CPU compiles it as one kernel, where k*k slices are k*k
   kernels (each about as long to compile as any other), and runs it as fast. With it LeNet's training step
-  compiles 148 kernels and its evaluation 29; with slices, 192 and 50.
+  compiles 44 kernels fewer than with slices, and its evaluation 21 fewer (29 in all).
   """
   c, h, w, n = x.shape
   ho, wo = h - kh + 1, w - kw + 1
