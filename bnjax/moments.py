@@ -145,7 +145,7 @@ def _masked_sample_mean(x, mask, count, layout: Layout, mask_uniform_axes: tuple
   CHWN activations, sampled along H, leaves every slice the same share of the valid values: the sample always
   holds enough, and the check and the second pass are left out of the program."""
   if layout.reduction_axes[0] not in mask_uniform_axes and x.size * x.dtype.itemsize < WHOLE_MEAN_BYTES:
-    return layout.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1.0)  # (small: one pass, and no check)
+    return _masked_mean(x, mask, count, layout)  # (small: one pass, and no check)
   sample, sampled = _sample(x, layout), _sample(mask, layout)
 
   def per_feature_sum(v):
@@ -159,9 +159,16 @@ def _masked_sample_mean(x, mask, count, layout: Layout, mask_uniform_axes: tuple
   enough = n * SHIFT_FRACTION >= count  # (count 0: nothing to sample, and the shift 0 will do)
 
   def whole():
-    return jnp.where(enough, shift, layout.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1.0))
+    return jnp.where(enough, shift, _masked_mean(x, mask, count, layout))
 
   return lax.cond(jnp.all(enough), lambda: shift, whole)
+
+
+def _masked_mean(x, mask, count, layout: Layout):
+  """Per-feature mean of the valid values of ``x`` (``count`` of them), summed in at least float32, as the
+  sample is (a half-precision sum may overflow)."""
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  return (layout.sum(jnp.where(mask, x, 0.0).astype(wide)) / jnp.maximum(count, 1.0)).astype(x.dtype)
 
 
 def _fast_moments(x, layout: Layout, mask):

@@ -257,6 +257,29 @@ def test_a_small_masked_input_takes_its_shift_from_all_its_valid_values_with_no_
   assert_trees_close((stats.mean, stats.var), (exact.mean(0), exact.var(0)))
 
 
+def test_masked_half_precision_reductions_when_asked_sum_the_shift_in_float32(rng):
+  """force_float32_reductions=False with a mask, on a small input (its shift the mean of all its valid values):
+  that mean's sum (1792 values near 50, over float16's 65504) is taken in float32, as the sample's is, so the
+  statistics stay finite and within half-precision rounding."""
+  x = jnp.asarray((50.0 + 2.0 * rng.standard_normal((2048, 4))).astype(np.float32), jnp.float16)
+  assert x.nbytes < WHOLE_MEAN_BYTES
+  valid = np.arange(2048) >= 256
+  _, stats = batch_norm(
+    x,
+    None,
+    None,
+    init_batch_stats(4),
+    use_running_average=False,
+    momentum=0.0,
+    force_float32_reductions=False,
+    mask=valid[:, None],
+  )
+  exact = np.asarray(x, np.float64)[valid]
+  assert_trees_close(
+    (np.asarray(stats.mean, np.float64), np.asarray(stats.var, np.float64)), (exact.mean(0), exact.var(0)), "half"
+  )
+
+
 def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_bits(rng):
   """A per-example mask of CHWN activations (features first, examples last) does not vary along H, the axis the
   shift's sample is taken from: every slice holds the same share of the valid values, so the program carries no
