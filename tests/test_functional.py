@@ -212,10 +212,10 @@ def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_
 @pytest.mark.parametrize("n", [512, 12288], ids=["small: the whole mean", "sampled"])
 def test_masked_stable_variance_stays_accurate_wherever_the_padding_is(rng, n, axis, valid):
   """With a mask the shift is the valid values' mean over the same first sixth when that holds at least a sixth of
-  them, else over all of them (and over all of them for an input under WHOLE_MEAN_BYTES). The sixth is 100 std
-  off the rest and padding is inf: with the padding late, early (nothing valid sampled: a zero shift was off by a
-  factor 100) or leaving one valid value in the sixth (a shift from it alone: off by 1e-4), or each feature padded
-  its own way, the variance of the valid values stays within 5e-5."""
+  them, else over all of them (and over all of them for an input under WHOLE_MEAN_BYTES: this mask may vary). The
+  sixth is 100 std off the rest and padding is inf: with the padding late, early (nothing valid sampled: a zero
+  shift was off by a factor 100) or leaving one valid value in the sixth (a shift from it alone: off by 1e-4), or
+  each feature padded its own way, the variance of the valid values stays within 5e-5."""
   assert (n * 6 * 4 < WHOLE_MEAN_BYTES) == (n == 512)
   locations = np.array([1e4, -3e4, 2e4, -1e4, 5e3, 3e4], np.float64)
   x = rng.standard_normal((n, 6)) + locations
@@ -280,16 +280,22 @@ def test_masked_half_precision_reductions_when_asked_sum_the_shift_in_float32(rn
   )
 
 
-def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_bits(rng):
-  """A per-example mask of CHWN activations (features first, examples last) does not vary along H, the axis the
-  shift's sample is taken from: every slice holds the same share of the valid values, so the program carries no
-  check (no ``cond``) and no second pass for it. The values and gradients are those of the same mask given at
-  full size, which makes no such promise and is checked."""
+@pytest.mark.parametrize(
+  "mask_shape, checked",
+  [((1, 1, 1, 32), False), ((32,), False), ((1, 24, 1, 32), True)],
+  ids=["per example, 4-D", "per example, right-aligned", "varies along H"],
+)
+def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_bits(rng, mask_shape, checked):
+  """A per-example mask of CHWN activations (features first, examples last), given as (1, 1, 1, N) or (N,), does
+  not vary along H, the axis the shift's sample is taken from: every slice holds the same share of the valid
+  values, so the program carries no check (no ``cond``) and no second pass for it. A mask whose shape lets it
+  vary along H is checked. The values and gradients are those of the same mask given at full size, which makes
+  no such promise and is checked."""
   x = (3.0 + rng.standard_normal((6, 24, 24, 32))).astype(np.float32)
-  assert x.nbytes >= WHOLE_MEAN_BYTES  # (smaller inputs take the whole mean, with no check either)
+  assert x.nbytes >= WHOLE_MEAN_BYTES  # (smaller inputs with a mask that may vary take the whole mean)
   keep = np.arange(32) < 20
   x[..., ~keep] = np.inf  # padding, which must reach nothing
-  small, full = keep.reshape(1, 1, 1, 32), np.broadcast_to(keep, x.shape)
+  given, full = np.broadcast_to(keep, mask_shape).copy(), np.broadcast_to(keep, x.shape)
   gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
   w = rng.standard_normal(x.shape).astype(np.float32)
 
@@ -300,8 +306,8 @@ def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_sam
   def conds(mask):
     return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, mask)).count("cond[")
 
-  assert conds(small) == 0 and conds(full) > 0
-  results = [jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, m) for m in (small, full)]
+  assert (conds(given) > 0) == checked and conds(full) > 0
+  results = [jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, m) for m in (given, full)]
   leaves = [
     np.asarray(jnp.where(full, a, 0.0)) if a.shape == x.shape else np.asarray(a) for a in jax.tree.leaves(results[0])
   ]
@@ -767,6 +773,20 @@ def test_ghost_batch_norm_with_a_mask_drops_empty_groups_and_padding(rng):
   y, new = train_step(x, gamma, beta, init_batch_stats(5), virtual_batch_size=4, mask=mask[:, None])
   y_ref, mean_ref, var_ref = reference_ghost(x, gamma, beta, 0.0, 1.0, 4, mask=mask)
   assert_trees_close((y[mask], new.mean, new.var), (y_ref[mask], mean_ref, var_ref))
+
+
+def test_ghost_batch_norm_keeps_the_shifts_check_where_a_groups_mask_varies_along_its_sample(rng):
+  """Ghost batches reshape the batch axis: a per-example mask that cannot vary along the input's features can
+  vary along a group's examples, the axis its shift's sample is taken from. Each group's first 400 examples are
+  padding, so a sample (its first 342) holds none: the check takes the whole valid mean instead (a zero shift
+  would lose the variance of values near 1e4)."""
+  x = (1e4 + rng.standard_normal((4096, 24))).astype(np.float32)
+  assert x.nbytes >= WHOLE_MEAN_BYTES
+  mask = np.arange(4096) % 2048 >= 400
+  ones, zeros = np.ones(24, np.float32), np.zeros(24, np.float32)
+  _, new = train_step(x, ones, zeros, init_batch_stats(24), virtual_batch_size=2048, mask=mask[:, None])
+  _, mean_ref, var_ref = reference_ghost(x, ones, zeros, 0.0, 1.0, 2048, mask=mask)
+  assert_trees_close((new.mean, new.var), (mean_ref, var_ref))
 
 
 def test_one_virtual_batch_is_plain_batch_norm_and_ghost_gradients_are_per_group(rng):

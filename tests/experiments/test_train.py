@@ -230,6 +230,8 @@ def test_the_initialization_compiled_for_compile_time_gives_the_default_compilat
   for seed in [0, 1, 7, 2**32 - 1]:
     got, want = jax.tree.leaves(train.init_run(init, seed)), jax.tree.leaves(plain(init, np.uint32(seed)))
     assert all(np.array_equal(a, b) for a, b in zip(bits(got), bits(want), strict=True)), seed
+  if jax.default_backend() == "cpu":  # (the options the bits are compared under)
+    assert train.init_options() == {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
   stacked = jax.tree.leaves(train.init_run(init, [0, 7]))
   single = jax.tree.leaves(train.init_run(init, 7))
   assert all(np.array_equal(a[1], b) for a, b in zip(bits(stacked), bits(single), strict=True))
