@@ -285,12 +285,12 @@ def test_masked_half_precision_reductions_when_asked_sum_the_shift_in_float32(rn
   [((1, 1, 1, 32), False), ((32,), False), ((1, 24, 1, 32), True)],
   ids=["per example, 4-D", "per example, right-aligned", "varies along H"],
 )
-def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_bits(rng, mask_shape, checked):
+def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_same_values(rng, mask_shape, checked):
   """A per-example mask of CHWN activations (features first, examples last), given as (1, 1, 1, N) or (N,), does
   not vary along H, the axis the shift's sample is taken from: every slice holds the same share of the valid
   values, so the program carries no check (no ``cond``) and no second pass for it. A mask whose shape lets it
   vary along H is checked. The values and gradients are those of the same mask given at full size, which makes
-  no such promise and is checked."""
+  no such promise and is checked (to rounding: masks of other shapes are fused differently by some jax versions)."""
   x = (3.0 + rng.standard_normal((6, 24, 24, 32))).astype(np.float32)
   assert x.nbytes >= WHOLE_MEAN_BYTES  # (smaller inputs with a mask that may vary take the whole mean)
   keep = np.arange(32) < 20
@@ -314,7 +314,7 @@ def test_a_mask_constant_along_the_sampled_axis_needs_no_check_and_gives_the_sam
   others = [
     np.asarray(jnp.where(full, a, 0.0)) if a.shape == x.shape else np.asarray(a) for a in jax.tree.leaves(results[1])
   ]
-  assert all(np.array_equal(a, b) for a, b in zip(leaves, others, strict=True))
+  assert_trees_close(leaves, others)
   assert all(np.all(np.isfinite(a)) for a in leaves)
 
 
