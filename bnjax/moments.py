@@ -21,9 +21,9 @@ def _abs2(v: jax.Array) -> jax.Array:
   return v * v
 
 
-def local_moments(x, layout: Layout, mask, mask_uniform_axes: tuple[int, ...] = ()):
+def local_moments(x, layout: Layout, mask):
   """Per-feature (count, mean, M2 = sum of squared deviations) of this shard (see ``_shifted_moments``)."""
-  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask, mask_uniform_axes)
+  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask)
   return count, m1 + mean_d, m2
 
 
@@ -148,7 +148,8 @@ def _masked_sample_mean(x, mask, count, layout: Layout, mask_uniform_axes: tuple
   CHWN activations, sampled along H, leaves every slice the same share of the valid values: the sample always
   holds enough, and the check and the second pass are left out of the program. Other masked inputs under
   ``WHOLE_MEAN_BYTES`` take the masked mean of all of ``x``: one pass, and no sample or check."""
-  if layout.reduction_axes[0] not in mask_uniform_axes and x.size * x.dtype.itemsize < WHOLE_MEAN_BYTES:
+  uniform = layout.reduction_axes[0] in mask_uniform_axes  # (the sample always holds enough)
+  if not uniform and x.size * x.dtype.itemsize < WHOLE_MEAN_BYTES:
     return _masked_mean(x, mask, count, layout)  # (small: one pass, and no check)
   sample, sampled = _sample(x, layout), _sample(mask, layout)
 
@@ -158,7 +159,7 @@ def _masked_sample_mean(x, mask, count, layout: Layout, mask_uniform_axes: tuple
   wide = jnp.promote_types(x.dtype, jnp.float32)  # (as _sample_mean's dot: a half-precision sum may overflow)
   n = per_feature_sum(sampled.astype(real_dtype(wide)))
   shift = (per_feature_sum(jnp.where(sampled, sample, 0.0).astype(wide)) / jnp.maximum(n, 1.0)).astype(x.dtype)
-  if layout.reduction_axes[0] in mask_uniform_axes:
+  if uniform:
     return shift
   enough = n * SHIFT_FRACTION >= count  # (count 0: nothing to sample, and the shift 0 will do)
 

@@ -163,8 +163,7 @@ def _init_program(seed):
 
 @functools.lru_cache(maxsize=16)
 def _init_future(program, init, arg: jax.ShapeDtypeStruct) -> concurrent.futures.Future:
-  lowered = program.lower(init, arg)
-  future = compile_queue().submit(functools.partial(lowered.compile, compiler_options=init_options()))
+  future = compile_queue().submit(functools.partial(program.lower(init, arg).compile, compiler_options=init_options()))
   future.add_done_callback(lambda f: f.exception() is not None and _init_future.cache_clear())  # (not kept: retried)
   return future
 
