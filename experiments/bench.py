@@ -49,7 +49,7 @@ import numpy as np
 
 from bnjax import batch_norm, init_batch_stats
 from experiments.lenet_fmnist import train
-from experiments.lenet_fmnist.models import LeNet, NNXLeNet, fold_lenet, init_lenet
+from experiments.lenet_fmnist.models import LeNet, fold_lenet, init_lenet
 
 OP_SHAPES = [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84), (128, 56, 56, 64)]
 QUICK_OP_SHAPES = [(256, 8, 8, 16), (256, 84)]
@@ -117,6 +117,8 @@ def setup_bnjax(
   apply = train.linen_apply(model)
   if api == "nnx":
     from flax import nnx
+
+    from experiments.lenet_fmnist.models_nnx import NNXLeNet
 
     apply = train.nnx_apply(NNXLeNet(norm, rngs=nnx.Rngs(0)))
   replicated = seeds > 1

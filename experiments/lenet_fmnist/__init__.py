@@ -3,7 +3,7 @@
 Shaped like Flax's ``examples/imagenet``:
 
 * ``input_pipeline``: Fashion-MNIST from IDX files or tensorflow-datasets;
-* ``models`` (and ``conv``): LeNet in linen and NNX, with ours, Flax's or no BatchNorm;
+* ``models`` (and ``conv``): LeNet with ours, Flax's or no BatchNorm; ``models_nnx``: the same in Flax NNX;
 * ``train``: the one training/evaluation loop (linen or NNX, one device or a mesh, several processes);
 * ``config``: the run's settings, declared once (:class:`config.RunConfig`, one field per flag, each saying
   whether ``--resume`` compares it and whether every process must agree on it);

@@ -32,12 +32,11 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
 IMPLS = ("auto", "xla", "im2col", "lanes")
 LAYOUTS = ("NHWC", "CHWN")
-_LECUN_NORMAL = nn.initializers.lecun_normal()  # flax.linen.Conv's default kernel initializer
+LECUN_NORMAL = nn.initializers.lecun_normal()  # flax.linen.Conv's default kernel initializer
 _NHWC_TO_CHWN = (3, 1, 2, 0)  # (its own inverse)
 
 
@@ -337,31 +336,3 @@ def check_input(x: jax.Array, layout: str) -> None:
 def add_bias(y: jax.Array, bias: jax.Array, layout: str) -> jax.Array:
   bias = bias.astype(y.dtype)
   return y + (bias[:, None, None, None] if layout == "CHWN" else bias)
-
-
-class NNXConv(nnx.Module):
-  """The NNX twin of :class:`Conv`: ``kernel`` (HWIO) and ``bias`` as ``nnx.Param``, same computation."""
-
-  def __init__(
-    self,
-    in_features: int,
-    features: int,
-    kernel_size: tuple[int, int],
-    *,
-    use_bias: bool = True,
-    kernel_init: Callable = _LECUN_NORMAL,
-    bias_init: Callable = nn.initializers.zeros,
-    impl: str = "auto",
-    precision: str | None = None,
-    layout: str = "NHWC",
-    rngs: nnx.Rngs,
-  ):
-    kh, kw = kernel_size
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_features, features), jnp.float32))
-    self.bias = nnx.Param(bias_init(rngs.params(), (features,), jnp.float32)) if use_bias else nnx.data(None)
-    self.impl, self.precision, self.layout = impl, precision, layout
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    check_input(x, self.layout)
-    y = conv2d_valid(x, self.kernel[...].astype(x.dtype), self.impl, self.precision, self.layout)
-    return y if self.bias is None else add_bias(y, self.bias[...], self.layout)

@@ -20,11 +20,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from bnjax import BatchNorm, fold_batch_norm
-from bnjax.nnx import BatchNorm as NNXBatchNorm
-from experiments.lenet_fmnist.conv import Conv, NNXConv, channel_axis, native_layout, swap_batch_and_channels
+from experiments.lenet_fmnist.conv import Conv, channel_axis, native_layout, swap_batch_and_channels
 
 NORMS = ("ours", "flax", "none")
 PRECISIONS = ("default", "high", "highest")
@@ -168,75 +166,3 @@ def init_lenet(model: LeNet, key: jax.Array, batch_size: int = 2) -> dict:
   ``init`` runs jitted: one compiled program (cacheable) instead of dozens of op-by-op dispatches.
   """
   return jax.jit(lambda key: model.init(key, jnp.zeros((batch_size, 28, 28, 1), jnp.float32), train=False))(key)
-
-
-class NNXLeNet(nnx.Module):
-  """The same LeNet as a Flax NNX module: same layer names, shapes, initializers and computation.
-
-  ``model.train()`` / ``model.eval()`` (or ``nnx.view``) switch the batch-norm layers between batch
-  and running statistics. :func:`lenet_to_nnx` / :func:`lenet_from_nnx` move variables between this
-  module and :class:`LeNet`'s ``{"params", "batch_stats"}``.
-  """
-
-  def __init__(
-    self,
-    norm: str = "ours",
-    *,
-    num_classes: int = 10,
-    conv_impl: str = "auto",
-    precision: str = "highest",
-    axis_name: str | None = None,
-    rngs: nnx.Rngs,
-  ):
-    if norm not in NORMS:
-      raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
-    check_precision(precision)
-    self.norm, self.axis_name, self.layout = norm, axis_name, native_layout(conv_impl)
-    conv = functools.partial(
-      NNXConv, kernel_init=XAVIER, impl=conv_impl, precision=precision, layout=self.layout, rngs=rngs
-    )
-    linear = functools.partial(nnx.Linear, kernel_init=XAVIER, precision=precision, rngs=rngs)
-    conv_axis = channel_axis(self.layout)
-    self.conv1 = conv(1, 6, (5, 5))
-    self.conv2 = conv(6, 16, (5, 5))
-    self.fc1 = linear(256, 120)
-    self.fc2 = linear(120, 84)
-    self.fc3 = linear(84, num_classes)
-    for name, features, axis in (("bn1", 6, conv_axis), ("bn2", 16, conv_axis), ("bn3", 120, -1), ("bn4", 84, -1)):
-      setattr(self, name, self._make_norm(features, axis, rngs))
-
-  def _make_norm(self, features: int, axis: int, rngs: nnx.Rngs):
-    if self.norm == "none":
-      return nnx.data(None)
-    cls = NNXBatchNorm if self.norm == "ours" else nnx.BatchNorm
-    return cls(
-      features, axis=axis, momentum=CHAPTER_MOMENTUM, epsilon=CHAPTER_EPSILON, axis_name=self.axis_name, rngs=rngs
-    )
-
-  def _norm(self, bn, x, mask):
-    return x if bn is None else bn(x, mask=example_mask(mask, x, self.layout))
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    check_images(x, mask)
-    x = pool(nn.sigmoid(self._norm(self.bn1, self.conv1(to_layout(x, self.layout)), mask)))
-    x = pool(nn.sigmoid(self._norm(self.bn2, self.conv2(x), mask)))
-    x = flatten(x, self.layout)
-    x = nn.sigmoid(self._norm(self.bn3, self.fc1(x), mask))
-    x = nn.sigmoid(self._norm(self.bn4, self.fc2(x), mask))
-    return self.fc3(x)
-
-
-def lenet_to_nnx(model: NNXLeNet, variables: dict) -> NNXLeNet:
-  """Loads :class:`LeNet` variables (``{"params", "batch_stats"}``) into ``model``, in place; returns it."""
-  state = {name: dict(layer) for name, layer in variables["params"].items()}
-  for name, stats in variables.get("batch_stats", {}).items():
-    state[name] = {**state.get(name, {}), **stats}
-  nnx.update(model, state)
-  return model
-
-
-def lenet_from_nnx(model: NNXLeNet) -> dict:
-  """:class:`LeNet` variables (``{"params"[, "batch_stats"]}``) holding ``model``'s current values."""
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-  return {"params": params, "batch_stats": stats} if stats else {"params": params}

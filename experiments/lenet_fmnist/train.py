@@ -28,19 +28,22 @@ import concurrent.futures
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
 from bnjax import sync
 from experiments.lenet_fmnist.programs import ProgramStore, jax_settings, signature
+
+if TYPE_CHECKING:
+  from flax import nnx
 
 Metrics = dict[str, jax.Array]
 Apply = Callable[..., tuple[jax.Array, Any]]
@@ -90,6 +93,8 @@ def nnx_apply(model: nnx.Module) -> Apply:
   linen model's: ``params/<layer>/...`` and ``batch_stats/<layer>/...``) into a fresh model, so the
   call is pure and the NNX model trains in the same compiled loop as the linen one.
   """
+  from flax import nnx  # (here: a linen run never imports flax.nnx)
+
   graphdef, state = nnx.split(model)
   treedef = jax.tree.structure(nnx.to_pure_dict(state))
 

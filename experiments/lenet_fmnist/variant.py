@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-from flax import nnx
 from tqdm.auto import tqdm
 
 from bnjax import sync
@@ -77,11 +76,14 @@ def build_model(norm: str, config: RunConfig, axis_name: str | None) -> Model:
   base = norm.split("-")[0]
   model = models.LeNet(norm=base, conv_impl=config.conv_impl, axis_name=axis_name, precision=config.precision)
   if config.api == "nnx":
-    apply = train.nnx_apply(
-      models.NNXLeNet(
-        base, conv_impl=config.conv_impl, precision=config.precision, axis_name=axis_name, rngs=nnx.Rngs(0)
-      )
+    from flax import nnx  # (imported only for an NNX run)
+
+    from experiments.lenet_fmnist.models_nnx import NNXLeNet
+
+    nnx_model = NNXLeNet(
+      base, conv_impl=config.conv_impl, precision=config.precision, axis_name=axis_name, rngs=nnx.Rngs(0)
     )
+    apply = train.nnx_apply(nnx_model)
   else:
     apply = train.linen_apply(model)
   # Both APIs start from the linen model's initial variables (same names), so they give the same numbers.

@@ -219,7 +219,7 @@ def test_bad_configuration_is_rejected_clearly(make, pattern):
 def test_nnx_lenet_has_linen_lenets_variables_and_logits(rng, norm):
   from flax import nnx
 
-  from experiments.lenet_fmnist.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+  from experiments.lenet_fmnist.models_nnx import NNXLeNet, lenet_from_nnx, lenet_to_nnx
 
   linen_vars = init_lenet(LeNet(norm=norm), jax.random.key(0))
   model = NNXLeNet(norm, rngs=nnx.Rngs(1))
@@ -240,7 +240,7 @@ def test_nnx_lenet_trained_by_nnx_optimizer_follows_the_linen_run(rng):
   from flax import nnx
 
   from experiments.lenet_fmnist import train
-  from experiments.lenet_fmnist.models import NNXLeNet, lenet_from_nnx, lenet_to_nnx
+  from experiments.lenet_fmnist.models_nnx import NNXLeNet, lenet_from_nnx, lenet_to_nnx
 
   state = new_state(LeNet(), jax.random.key(0), 1.0)
   model = lenet_to_nnx(NNXLeNet(rngs=nnx.Rngs(0)), {"params": state.params, "batch_stats": state.batch_stats})

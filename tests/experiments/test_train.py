@@ -9,7 +9,8 @@ import pytest
 
 from experiments.lenet_fmnist import input_pipeline as data
 from experiments.lenet_fmnist import train
-from experiments.lenet_fmnist.models import LeNet, NNXLeNet, init_lenet
+from experiments.lenet_fmnist.models import LeNet, init_lenet
+from experiments.lenet_fmnist.models_nnx import NNXLeNet
 from experiments.lenet_fmnist.train import Data
 from tests.experiments.helpers import lenet_compiled_ahead, make_fmnist_dir, new_state
 from tests.tolerance import assert_trees_close
