@@ -30,4 +30,4 @@ __all__ = [
   "precise_batch_stats",
   "pytorch_preset",
 ]
-__version__ = "0.4.6"
+__version__ = "0.4.7"
