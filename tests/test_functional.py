@@ -185,6 +185,35 @@ def test_stable_variance_acceptance_far_from_zero(rng, loc):
   assert np.max(np.abs(np.asarray(fast.var, np.float64) - exact) / exact) > 1e-3
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_far_from_zero_match_the_float64_closed_form(rng, masked):
+  """float32, per-channel mean ~1e4, std 1, the first sixth of the batch (where the shift is sampled) two
+  standard deviations off: the input, scale and bias gradients of the float64 closed form, padding excluded."""
+  n, valid = 96, 80 if masked else 96
+  x = (1e4 + rng.standard_normal((n, 4, 4, 8))).astype(np.float32)
+  x[: n // 6] += 2.0  # the shift (the sample's mean) lies well off the batch mean: its correction matters
+  x[valid:] = 1e6  # padding, excluded by the mask
+  gamma, beta = rng.uniform(0.5, 2, 8).astype(np.float32), rng.normal(0, 1, 8).astype(np.float32)
+  w = rng.standard_normal(x.shape).astype(np.float32)
+  keep = (np.arange(n) < valid)[:, None, None, None]
+  mask = keep if masked else None
+
+  def loss(x, gamma, beta):
+    y = batch_norm(x, gamma, beta, None, use_running_average=False, mask=mask)[0]
+    return jnp.sum(jnp.where(keep, w * y, 0.0))
+
+  dx, dgamma, dbeta = jax.grad(loss, argnums=(0, 1, 2))(x, gamma, beta)
+
+  xv, wv = x[:valid].astype(np.float64), w[:valid].astype(np.float64)
+  mean, var = xv.mean(axis=(0, 1, 2)), xv.var(axis=(0, 1, 2))
+  xhat = (xv - mean) / np.sqrt(var + 1e-5)
+  mean_w, mean_wx = wv.mean(axis=(0, 1, 2)), (wv * xhat).mean(axis=(0, 1, 2))
+  dx_exact = gamma / np.sqrt(var + 1e-5) * (wv - mean_w - xhat * mean_wx)
+  exact = (dx_exact, (wv * xhat).sum(axis=(0, 1, 2)), wv.sum(axis=(0, 1, 2)))
+  assert_trees_close((np.asarray(dx)[:valid], dgamma, dbeta), exact, "framework")
+  np.testing.assert_array_equal(np.asarray(dx)[valid:], 0.0)
+
+
 @pytest.mark.parametrize("outliers", ["first slice", "whole sample"])
 @pytest.mark.parametrize("axis", [-1, 1, 0], ids=["NHWC", "NCHW", "CHWN"])
 def test_stable_variance_stays_accurate_when_the_slices_its_shift_is_taken_from_are_outliers(rng, axis, outliers):
