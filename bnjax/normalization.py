@@ -71,8 +71,9 @@ def normalize_by_batch(
   It is spelled in ``d = x - shift`` (``xhat = (d - mean_d) r``, see :func:`~bnjax.moments.batch_moments`), with
   every per-feature factor applied after a batch mean, so the transpose (the backward pass) needs only
   ``sum(dy)`` and ``sum(dy * d)``, the same two reductions that give the bias and scale gradients, and one
-  elementwise pass for ``dx``: four passes over the activations, reading ``x`` and ``dy`` and writing ``dx``.
-  Autodiff through the stable variance's arithmetic would add several more.
+  elementwise pass for ``dx``: three kernels, reading ``x`` and ``dy`` and writing only ``dx``. Autodiff
+  through the stable variance's arithmetic would add several more. (An eager ``jax.vjp`` keeps ``d`` and its
+  second spelling, below, among its residuals.)
   """
   moments = functools.partial(
     batch_moments,

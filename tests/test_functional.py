@@ -190,10 +190,12 @@ def test_gradients_far_from_zero_match_the_float64_closed_form(rng, masked):
   """float32, per-channel mean ~1e4, std 1, the first sixth of the batch (where the shift is sampled) two
   standard deviations off: the input, scale and bias gradients of the float64 closed form, padding excluded."""
   n, valid = 96, 80 if masked else 96
-  x = (1e4 + rng.standard_normal((n, 4, 4, 8))).astype(np.float32)
+  x = (1e4 + rng.standard_normal((n, 8, 8, 16))).astype(np.float32)
+  # Large enough that a masked input's shift is its sample's mean too (smaller ones take all valid values).
+  assert x.nbytes >= WHOLE_MEAN_BYTES
   x[: n // 6] += 2.0  # the shift (the sample's mean) lies well off the batch mean: its correction matters
   x[valid:] = 1e6  # padding, excluded by the mask
-  gamma, beta = rng.uniform(0.5, 2, 8).astype(np.float32), rng.normal(0, 1, 8).astype(np.float32)
+  gamma, beta = rng.uniform(0.5, 2, 16).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
   w = rng.standard_normal(x.shape).astype(np.float32)
   keep = (np.arange(n) < valid)[:, None, None, None]
   mask = keep if masked else None

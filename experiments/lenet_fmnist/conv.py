@@ -304,7 +304,7 @@ class Conv(nn.Module):
   features: int
   kernel_size: tuple[int, int]
   use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = LECUN_NORMAL
   bias_init: Callable = nn.initializers.zeros
   impl: str = "auto"
   precision: str | None = None

@@ -1,7 +1,7 @@
 """The chapter's LeNet in Flax NNX (:class:`NNXLeNet`, ``--api nnx``): the twin of :class:`models.LeNet`, with the
 same layer names, shapes, initializers and computation, and its convolution (:class:`NNXConv`).
 
-A module of its own so that a linen run never imports ``flax.nnx`` (about 0.12 s of a 2-core CPU's start-up).
+A module of its own so that a linen run never imports ``flax.nnx`` (0.12-0.15 s of a 2-core CPU's start-up).
 """
 
 from __future__ import annotations
