@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnjax.checks import (
   Axes,
@@ -281,11 +280,7 @@ def _normalize_training(
     v = jnp.full(tuple(x.shape[a] for a in feature_axes), default, reduce_dtype) if v is None else v
     return grouping.per_feature(jnp.asarray(v).astype(reduce_dtype))
 
-  work_mask, uniform = None, ()
-  if mask is not None:
-    work_mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(grouping.shape))
-    if grouping.shape == x.shape:  # (ghost batches reshape the batch axis: no promise is made there)
-      uniform = uniform_axes(np.shape(mask), x.shape)
+  work_mask, uniform = grouping.mask_to_work(mask, x.shape) if mask is not None else (None, ())
   y, mean, var, count = normalize_by_batch(
     layout.to_work(x.astype(reduce_dtype).reshape(grouping.shape)),
     per_feature(None if renorm else scale, 1.0),
@@ -302,12 +297,6 @@ def _normalize_training(
     g, beta = per_feature(scale, 1.0), per_feature(bias, 0.0)
     y = renorm_correction(y, mean, var, count, stats, g, beta, epsilon, renorm_clipping, grouping, reduce_dtype)
   return y.reshape(x.shape), mean, var, count
-
-
-def uniform_axes(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The axes of an array of ``shape`` along which a mask of ``mask_shape``, broadcast to it, cannot vary."""
-  aligned = (1,) * (len(shape) - len(mask_shape)) + tuple(mask_shape)
-  return tuple(a for a, (m, n) in enumerate(zip(aligned, shape, strict=True)) if m == 1 and n > 1)
 
 
 # batch_norm's keyword arguments that the linen and NNX modules set themselves on every call: the mode, the

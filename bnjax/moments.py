@@ -21,9 +21,9 @@ def _abs2(v: jax.Array) -> jax.Array:
   return v * v
 
 
-def local_moments(x, layout: Layout, mask):
+def local_moments(x, layout: Layout, mask, mask_uniform_axes: tuple[int, ...] = ()):
   """Per-feature (count, mean, M2 = sum of squared deviations) of this shard (see ``_shifted_moments``)."""
-  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask)
+  count, m1, mean_d, m2 = _shifted_moments(x, layout, mask, mask_uniform_axes)
   return count, m1 + mean_d, m2
 
 

@@ -80,9 +80,8 @@ def _input_moments(module: nn.Module, x: jax.Array, mask: jax.Array | None) -> L
   ghost = getattr(module, "virtual_batch_size", None)
   grouping = Grouping.of(inputs.shape, feature_axes, reduction_axes[0], ghost)
   layout = grouping.layout
-  if mask is not None:
-    mask = layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), inputs.shape).reshape(grouping.shape))
-  count, mean, m2 = local_moments(layout.to_work(inputs.reshape(grouping.shape)), layout, mask)
+  mask, uniform = grouping.mask_to_work(mask, inputs.shape) if mask is not None else (None, ())
+  count, mean, m2 = local_moments(layout.to_work(inputs.reshape(grouping.shape)), layout, mask, uniform)
   count, mean, m2 = (layout.per_feature_from_work(jnp.broadcast_to(v, mean.shape)) for v in (count, mean, m2))
   if grouping.group_pos is not None:  # per-group moments -> the batch's, M2 within the groups
     g = grouping.group_pos

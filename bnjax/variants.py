@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax.layout import Layout
@@ -34,6 +35,16 @@ class Grouping(NamedTuple):
     work_shape = shape[:b] + (shape[b] // virtual_batch_size, virtual_batch_size) + shape[b + 1 :]
     work_axes = tuple(a for a in feature_axes if a < b) + (b,) + tuple(a + 1 for a in feature_axes if a > b)
     return cls(work_shape, Layout(work_shape, work_axes), sum(a < b for a in feature_axes))
+
+  def mask_to_work(self, mask, shape: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+    """A mask broadcastable to the input's ``shape``, in the working shape (bool), and the working axes along
+    which it cannot vary, by its own shape (none for ghost batches, whose batch axis is reshaped: no promise
+    is made there). The promise spares the masked moments their shift's check (``mask_uniform_axes``)."""
+    work = self.layout.to_work(jnp.broadcast_to(jnp.asarray(mask, bool), shape).reshape(self.shape))
+    if self.shape != tuple(shape):
+      return work, ()
+    aligned = (1,) * (len(shape) - np.ndim(mask)) + tuple(np.shape(mask))
+    return work, tuple(a for a, (m, n) in enumerate(zip(aligned, shape, strict=True)) if m == 1 and n > 1)
 
   def per_feature(self, v: jax.Array) -> jax.Array:
     """A per-feature array in working form, repeated over the groups (its transpose sums over them)."""

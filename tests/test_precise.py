@@ -75,6 +75,39 @@ def test_masked_examples_are_left_out(rng):
   assert_trees_close(out["batch_stats"], numpy_reference(variables, batches, masks), "framework")
 
 
+class ChannelsFirstBN(nn.Module):
+  """One bnjax.BatchNorm over CHWN activations (features first, examples last), as LeNet's lanes layout has them."""
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    return bnjax.BatchNorm(use_running_average=not train, axis=0, name="bn")(x, mask=mask)
+
+
+def test_a_per_example_mask_of_chwn_inputs_needs_no_check_and_gives_the_full_masks_moments(rng):
+  """As in training (tests/test_functional.py), a per-example mask of CHWN inputs cannot vary along H, where the
+  shift is sampled: the moments' program carries no check (no ``cond``), where the same mask at full size does,
+  and both give the valid examples' moments."""
+  x = (3.0 + rng.standard_normal((6, 24, 24, 32))).astype(np.float32)
+  keep = np.arange(32) < 20
+  x[..., ~keep] = np.inf  # padding, which must reach nothing
+  model = ChannelsFirstBN()
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def moments(mask):
+    return bnjax.precise.batch_moments_by_layer(model.apply, variables, x, mask, train=True)["bn"]
+
+  def conds(mask):
+    return str(jax.make_jaxpr(moments)(mask)).count("cond[")
+
+  given, full = keep[None, None, None, :], np.broadcast_to(keep, x.shape)
+  assert conds(given) == 0 and conds(full) > 0
+  got, expected = moments(given), moments(full)
+  assert_trees_close((got.count, got.mean, got.m2), (expected.count, expected.mean, expected.m2))
+  valid = x[..., keep].astype(np.float64)
+  mean = valid.mean(axis=(1, 2, 3))
+  assert_trees_close((got.mean, got.m2 / got.count), (mean, valid.var(axis=(1, 2, 3))), "framework")
+
+
 def test_a_shared_layer_pools_all_its_calls(rng):
   class Shared(nn.Module):
     @nn.compact
