@@ -58,6 +58,12 @@ def pool(x: jax.Array) -> jax.Array:
   return nn.avg_pool(x, (2, 2), (2, 2))
 
 
+def check_norm(norm: str) -> str:
+  if norm not in NORMS:
+    raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
+  return norm
+
+
 def check_precision(precision: str) -> str:
   if precision not in PRECISIONS:
     raise ValueError(f"`precision` is {precision!r}, but should be one of {PRECISIONS}.")
@@ -87,8 +93,7 @@ class LeNet(nn.Module):
   precision: str = "highest"
 
   def setup(self):
-    if self.norm not in NORMS:
-      raise ValueError(f"`norm` is {self.norm!r}, but should be one of {NORMS}.")
+    check_norm(self.norm)
     if self.unbiased_running_var and self.norm != "ours":
       raise ValueError(f"`unbiased_running_var=True` needs norm='ours', but `norm` is {self.norm!r}.")
     check_precision(self.precision)

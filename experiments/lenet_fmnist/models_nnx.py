@@ -19,9 +19,9 @@ from experiments.lenet_fmnist.conv import LECUN_NORMAL, add_bias, channel_axis, 
 from experiments.lenet_fmnist.models import (
   CHAPTER_EPSILON,
   CHAPTER_MOMENTUM,
-  NORMS,
   XAVIER,
   check_images,
+  check_norm,
   check_precision,
   example_mask,
   flatten,
@@ -76,8 +76,7 @@ class NNXLeNet(nnx.Module):
     axis_name: str | None = None,
     rngs: nnx.Rngs,
   ):
-    if norm not in NORMS:
-      raise ValueError(f"`norm` is {norm!r}, but should be one of {NORMS}.")
+    check_norm(norm)
     check_precision(precision)
     self.norm, self.axis_name, self.layout = norm, axis_name, native_layout(conv_impl)
     conv = functools.partial(
