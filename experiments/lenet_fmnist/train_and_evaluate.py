@@ -8,6 +8,7 @@ before jax is imported, and overlaps it.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,30 @@ from experiments.lenet_fmnist.checkpoint import atomic_write_text, check_same_ep
 from experiments.lenet_fmnist.compile_cache import compile_cache
 from experiments.lenet_fmnist.config import VARIANTS, RunConfig
 from experiments.lenet_fmnist.dataset import load_data, prepare_data
+
+
+class ImportsSpared:
+  """Python's cyclic garbage collector paused while the run imports jax, flax and optax, and then told to leave
+  what they made alone (``gc.freeze`` at :meth:`imported`): their modules, classes and functions live as long as
+  the process, and every full collection would walk them all again. On a 2-core CPU a 1-epoch run spent 0.39 s
+  collecting when it compiled its programs (full collections of 20-145 ms, one while it traced the training
+  steps) and 0.22 s when it loaded them; with this, 0.13 s and 0.03 s. Undone at the end (``gc.unfreeze``, the
+  collector as it was), for a caller that goes on in the same process."""
+
+  def __enter__(self) -> ImportsSpared:
+    self._enabled = gc.isenabled()
+    gc.disable()
+    return self
+
+  def imported(self) -> None:
+    gc.freeze()
+    if self._enabled:
+      gc.enable()
+
+  def __exit__(self, *exc) -> None:
+    gc.unfreeze()
+    if self._enabled:
+      gc.enable()
 
 
 class Progress:
@@ -46,18 +71,27 @@ def train_and_evaluate(
   """
   progress = Progress() if progress is None else progress
   # The data are read and decompressed in a thread while JAX is imported and the processes join.
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-data") as loader:
+  with ImportsSpared() as imports, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-data") as loader:
     dataset = loader.submit(load_data, config)
     with compile_cache(config):
-      return train_variants(config, out, dataset, progress, build_model)
+      return train_variants(config, out, dataset, progress, build_model, imports)
 
 
 def train_variants(
-  config: RunConfig, out: Path, dataset: concurrent.futures.Future, progress: Progress, build_model=None
+  config: RunConfig,
+  out: Path,
+  dataset: concurrent.futures.Future,
+  progress: Progress,
+  build_model=None,
+  imports: ImportsSpared | None = None,
 ) -> list[dict]:
-  """Joins the processes, prepares the data and trains the variants one after another, then compares them."""
+  """Joins the processes, prepares the data and trains the variants one after another, then compares them.
+  ``imports``: told when the run's libraries are imported."""
   from experiments.lenet_fmnist import report, variant
   from experiments.lenet_fmnist.distributed import barrier, make_watchdog, setup_devices
+
+  if imports is not None:
+    imports.imported()
 
   norms = variant_names(config)
   mesh = setup_devices(config)

@@ -1,5 +1,6 @@
 """The experiment end to end on a tiny synthetic data directory: outputs, resume, comparison, errors."""
 
+import gc
 import json
 import re
 
@@ -37,6 +38,7 @@ def test_end_to_end_writes_metrics_plot_checkpoint_and_prints_the_chapter_lines(
   assert re.search(r"examples/sec on \w+:\d+.*\n", printed)
   assert "gamma (bn1 scale):" in printed and "beta  (bn1 bias):" in printed
   assert len(summary["gamma"]) == 6
+  assert gc.isenabled() and gc.get_freeze_count() == 0, "the run left Python's garbage collector changed"
 
 
 @pytest.mark.slow
@@ -723,3 +725,18 @@ def test_the_cli_defaults_are_the_chapters_settings():
     with nn.intercept_methods(record):
       LeNet(norm).init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True)
     assert layers == {f"bn{i}": (0.9, 1e-5) for i in range(1, 5)}, norm
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_run_spares_its_imports_from_the_garbage_collector_and_sets_it_back(enabled):
+  from experiments.lenet_fmnist.train_and_evaluate import ImportsSpared
+
+  (gc.enable if enabled else gc.disable)()
+  try:
+    with ImportsSpared() as imports:
+      assert not gc.isenabled()  # while the libraries are imported
+      imports.imported()
+      assert gc.isenabled() == enabled and gc.get_freeze_count() > 0
+    assert gc.isenabled() == enabled and gc.get_freeze_count() == 0
+  finally:
+    gc.enable()
