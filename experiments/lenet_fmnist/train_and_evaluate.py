@@ -20,24 +20,28 @@ from experiments.lenet_fmnist.dataset import load_data, prepare_data
 
 class ImportsSpared:
   """Python's cyclic garbage collector paused while the run imports jax, flax and optax, and then told to leave
-  what they made alone (``gc.freeze`` at :meth:`imported`): their modules, classes and functions live as long as
-  the process, and every full collection would walk them all again. On a 2-core CPU a 1-epoch run spent 0.39 s
-  collecting when it compiled its programs (full collections of 20-145 ms, one while it traced the training
-  steps) and 0.22 s when it loaded them; with this, 0.13 s and 0.03 s. Undone at the end (``gc.unfreeze``, the
-  collector as it was), for a caller that goes on in the same process."""
+  every object alive at that point alone (``gc.freeze`` at :meth:`imported`): mostly those libraries' modules,
+  classes and functions, which live as long as the process, and which every full collection would otherwise
+  walk again. On a 2-core CPU a 1-epoch run spent 0.39 s collecting when it compiled its programs (full
+  collections of 20-145 ms, one while it traced the training steps) and 0.22 s when it loaded them; frozen,
+  0.13 s and 0.03 s. Undone at the end (``gc.unfreeze``, the collector as it was), for a caller that goes on in
+  the same process; a caller that froze objects itself keeps them frozen, and nothing more is frozen."""
 
   def __enter__(self) -> ImportsSpared:
     self._enabled = gc.isenabled()
+    self._freeze = gc.get_freeze_count() == 0  # (the caller's own freeze is left as it is)
     gc.disable()
     return self
 
   def imported(self) -> None:
-    gc.freeze()
+    if self._freeze:
+      gc.freeze()
     if self._enabled:
       gc.enable()
 
   def __exit__(self, *exc) -> None:
-    gc.unfreeze()
+    if self._freeze:
+      gc.unfreeze()
     if self._enabled:
       gc.enable()
 

@@ -738,5 +738,23 @@ def test_the_run_spares_its_imports_from_the_garbage_collector_and_sets_it_back(
       imports.imported()
       assert gc.isenabled() == enabled and gc.get_freeze_count() > 0
     assert gc.isenabled() == enabled and gc.get_freeze_count() == 0
+    with pytest.raises(KeyError), ImportsSpared():  # a run that fails while it imports
+      raise KeyError
+    assert gc.isenabled() == enabled and gc.get_freeze_count() == 0
   finally:
     gc.enable()
+
+
+def test_the_run_leaves_a_callers_own_frozen_objects_frozen():
+  from experiments.lenet_fmnist.train_and_evaluate import ImportsSpared
+
+  gc.freeze()
+  try:
+    frozen = gc.get_freeze_count()
+    with ImportsSpared() as imports:
+      imports.imported()
+      mine = [object()]  # noqa: F841  (made after the caller's freeze: not frozen by the run)
+      assert gc.get_freeze_count() == frozen
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+  finally:
+    gc.unfreeze()
