@@ -78,7 +78,7 @@ def train_and_evaluate(
   with ImportsSpared() as imports, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load-data") as loader:
     dataset = loader.submit(load_data, config)
     with compile_cache(config):
-      return train_variants(config, out, dataset, progress, build_model, imports)
+      return train_variants(config, out, dataset, progress, imports, build_model)
 
 
 def train_variants(
@@ -86,16 +86,15 @@ def train_variants(
   out: Path,
   dataset: concurrent.futures.Future,
   progress: Progress,
+  imports: ImportsSpared,
   build_model=None,
-  imports: ImportsSpared | None = None,
 ) -> list[dict]:
   """Joins the processes, prepares the data and trains the variants one after another, then compares them.
   ``imports``: told when the run's libraries are imported."""
   from experiments.lenet_fmnist import report, variant
   from experiments.lenet_fmnist.distributed import barrier, make_watchdog, setup_devices
 
-  if imports is not None:
-    imports.imported()
+  imports.imported()
 
   norms = variant_names(config)
   mesh = setup_devices(config)
