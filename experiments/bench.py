@@ -112,7 +112,7 @@ def setup_bnjax(
   ``api="nnx"`` trains the NNX LeNet (with ``bnjax.nnx.BatchNorm``) in the same loop. ``seeds`` > 1 trains that
   many seeds side by side in one program, as ``--seeds`` does (each seed one pass over the data).
   """
-  data = train.Data.put(images, labels)
+  data = train.Data.put(images, labels, train.replica_mesh(seeds))
   model = LeNet(norm=norm)
   apply = train.linen_apply(model)
   if api == "nnx":
@@ -551,7 +551,8 @@ def training_rows(args, torch) -> tuple[list[dict], np.ndarray]:
     if seeds > 1:  # the time of all seeds over one seed's, round by round: 8x is no gain and no loss
       one = times["bnjax LeNet + bnjax.BatchNorm"]
       ratios = [a / b for a, b in zip(times[name], one, strict=True)]
-      rows[-1].update(seeds=seeds, time_vs_one_seed=statistics.median(ratios))
+      mesh = train.replica_mesh(seeds)
+      rows[-1].update(seeds=seeds, devices=1 if mesh is None else mesh.size, time_vs_one_seed=statistics.median(ratios))
   ref = next((r for r in rows if "nn.BatchNorm2d" in r["name"]), None)
   for r in rows:
     r["ratio_to_torch_nn_bn"] = r["examples_per_sec"] / ref["examples_per_sec"] if ref else None
@@ -574,7 +575,8 @@ def print_training_rows(rows: list[dict]) -> None:
   for r in rows:
     if "seeds" in r:
       print(
-        f"{r['seeds']} seeds side by side (one program, --seeds) / one seed, time: {r['time_vs_one_seed']:.2f}x "
+        f"{r['seeds']} seeds side by side (one program, --seeds; {r['devices']} device(s)) / one seed, time: "
+        f"{r['time_vs_one_seed']:.2f}x "
         f"(median of per-round ratios; {r['seeds']}x: no gain, no loss)"
       )
 
@@ -620,6 +622,8 @@ def main(argv=None) -> dict:
   if args.end_to_end:
     result = end_to_end(args)
   else:
+    if args.seeds > 1:  # (before JAX starts) the seeds' row trains as --seeds does: on CPU, over host devices
+      train.request_host_devices(args.seeds)
     torch = None if args.no_torch else try_import_torch()
     print(f"machine: {machine()}")
     if torch is not None:

@@ -158,8 +158,8 @@ def parse_args(argv=None) -> RunConfig:
   args.seed = args.seeds[0]
   if len(args.seeds) > 1 and ((args.devices or 1) > 1 or args.num_processes > 1 or args.bn_group_size):
     p.error(
-      "--seeds trains its replicas side by side on one device; it does not combine with --devices N > 1, "
-      "--bn-group-size or several processes"
+      "--seeds trains its replicas in one program (on CPU split over host devices, one per core); it does not "
+      "combine with data-parallel training (--devices N > 1, --bn-group-size) or several processes"
     )
   if args.ema is not None and not (math.isfinite(args.ema) and 0 < args.ema < 1):
     p.error(f"--ema is {args.ema}, but should lie in (0, 1), e.g. {DEFAULT_EMA_DECAY}")

@@ -56,7 +56,12 @@ def prepare_data(dataset, config: RunConfig, out: Path, norms: list[str], mesh):
   check_data(dataset, config, norms)
   fingerprint = data_fingerprint(*dataset[:4])
   agree_across_processes(agreed_settings(config, fingerprint, out, norms, mesh))
-  data = tuple(train.Data.put(x, y, mesh) for x, y in (dataset[:2], dataset[2:4]))
+  # (several seeds on CPU: the data on each host device the seeds are split over)
+  where = mesh if mesh is not None else train.replica_mesh(len(config.seeds))
+  data = tuple(train.Data.put(x, y, where) for x, y in (dataset[:2], dataset[2:4]))
+  if where is not None and mesh is None:
+    seeds, devices = len(config.seeds), where.size
+    print(f"{seeds} seeds split over {devices} host CPU devices ({seeds // devices} each, one after the other)")
   if mesh is not None:
     print(
       f"data parallel: {mesh.size} devices ({mesh.shape['group']} BN group(s) of {mesh.shape['data']}), "

@@ -100,7 +100,7 @@ def join_from_environment(config: RunConfig) -> RunConfig:
     raise RunError(f"--distributed auto could not join the job's processes ({_first_line(e)}).") from None
   joined = dataclasses.replace(config, num_processes=jax.process_count(), process_id=jax.process_index())
   if joined.num_processes > 1 and len(joined.seeds) > 1:
-    raise RunError(f"--seeds trains its replicas on one device; this job has {joined.num_processes} processes")
+    raise RunError(f"--seeds trains its replicas in one process; this job has {joined.num_processes} processes")
   return joined
 
 
@@ -190,7 +190,7 @@ def setup_devices(config: RunConfig):
       os.dup2(devnull, sys.stdout.fileno())
       os.close(devnull)
   devices = jax.local_device_count() if config.devices is None else config.devices
-  if len(config.seeds) > 1:  # replicas side by side on one device (the flags allow nothing else)
+  if len(config.seeds) > 1:  # replicas in one program, no data-parallel mesh (the flags allow nothing else)
     devices = 1
   if config.num_processes == 1 and devices == 1 and config.bn_group_size is None:
     return None

@@ -2,7 +2,7 @@
 
     python -m experiments.lenet_fmnist                  # ours, the chapter's settings
     python -m experiments.lenet_fmnist --bn all         # every variant, plus a comparison
-    python -m experiments.lenet_fmnist --seeds 0-7      # 8 seeds side by side (jax.vmap), a distribution
+    python -m experiments.lenet_fmnist --seeds 0-7      # 8 seeds in one program, a distribution
     python -m experiments.lenet_fmnist --resume         # continue from --out's checkpoints
 
 Prints a progress bar per epoch, a line per epoch, then the chapter's lines (loss, train acc,

@@ -13,7 +13,8 @@ An executable that JAX itself loaded from its persistent cache serializes withou
 that cache: under compiler options of their own (a default value set explicitly), which no plain ``jax.jit`` compilation
 shares, and without writing them to it; and a program JAX still reports as a cache hit is used but not stored.
 
-Only programs on one device are stored (a mesh's programs compile on first use, with the persistent cache).
+Only programs on one device, or on the host devices several seeds are split over, are stored (a data-parallel
+mesh's programs compile on first use, with the persistent cache).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class ProgramStore:
     parts = [environment(), self.context, name, repr(sorted(static.items())), repr(signature(args))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] + SUFFIX
 
-  def load(self, key: str, args, out_tree) -> jax.stages.Compiled | None:
-    """The program stored under ``key``, callable as ``program(*args)`` and returning ``out_tree``'s structure;
-    None when there is none, or when it cannot be loaded (the file is then removed: it is compiled again)."""
+  def load(self, key: str, args, out_tree, devices=None) -> jax.stages.Compiled | None:
+    """The program stored under ``key``, callable as ``program(*args)`` and returning ``out_tree``'s structure,
+    compiled for ``devices`` (default: jit's default device; the key must name them); None when there is none,
+    or when it cannot be loaded (the file is then removed: it is compiled again)."""
     path = self.directory / key
     if not path.is_file() or not self.trusted():
       return None
@@ -66,8 +68,8 @@ class ProgramStore:
       return None
     try:
       return serialize_executable.deserialize_and_load(
-        payload, in_tree(args), out_tree, execution_devices=jax.devices()[:1]
-      )  # (jit's default device)
+        payload, in_tree(args), out_tree, execution_devices=devices or jax.devices()[:1]
+      )
     except Exception as e:  # a truncated or foreign file: compile instead, and say so once
       print(f"note: compiled program {path} could not be loaded ({type(e).__name__}); compiling it", file=sys.stderr)
       path.unlink(missing_ok=True)

@@ -91,10 +91,12 @@ def train_variants(
 ) -> list[dict]:
   """Joins the processes, prepares the data and trains the variants one after another, then compares them.
   ``imports``: told when the run's libraries are imported."""
-  from experiments.lenet_fmnist import report, variant
+  from experiments.lenet_fmnist import report, train, variant
   from experiments.lenet_fmnist.distributed import barrier, make_watchdog, setup_devices
 
   imports.imported()
+  if len(config.seeds) > 1:  # before JAX starts: on CPU, the host devices the seeds are split over
+    train.request_host_devices(len(config.seeds))
 
   norms = variant_names(config)
   mesh = setup_devices(config)

@@ -1,11 +1,13 @@
 """Smoke test of the benchmark harness (no timing asserts: speed is read from its printout)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from experiments import bench
+from experiments.lenet_fmnist import train
 
 
 @pytest.mark.slow
@@ -23,6 +25,8 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   assert all(r["examples_per_sec"] > 0 and r["ratio_to_torch_nn_bn"] > 0 for r in result["model"])
   assert [r.get("seeds") for r in result["model"]] == [None, None, None, 2, None, None]
   assert result["model"][3]["time_vs_one_seed"] > 0
+  mesh = train.replica_mesh(2)  # on CPU, the host devices the seeds were split over
+  assert result["model"][3]["devices"] == (1 if mesh is None else mesh.size)
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
   assert all(r["gb_per_s"] > 0 and r["vs_flax"] > 0 for r in result["ops"])
   assert {r["vs_flax"] for r in result["ops"] if r["impl"] == "flax.linen.BatchNorm"} == {1.0}
@@ -37,7 +41,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
     and "GB/s" in out
     and "x Flax" in out
     and "NNX / linen throughput" in out
-    and "2 seeds side by side (one program, --seeds) / one seed, time:" in out
+    and re.search(r"2 seeds side by side \(one program, --seeds; [12] device\(s\)\) / one seed, time:", out)
     and "folded / BN throughput" in out
     and (tmp_path / "bench.json").exists()
   )

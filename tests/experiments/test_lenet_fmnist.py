@@ -583,7 +583,7 @@ def _row(tree, i):
     (["--seeds", "0-3,2"], r"--seeds 0-3,2: a seed is given twice"),
     (["--seeds", "0-99"], r"--seeds 0-99: 0-99 holds more than 64 seeds"),
     (["--seeds", "0-1", "--seed", "2"], r"--seed and --seeds both given"),
-    (["--seeds", "0-1", "--devices", "2"], r"--seeds trains its replicas side by side on one device"),
+    (["--seeds", "0-1", "--devices", "2"], r"--seeds trains its replicas in one program .* with data-parallel"),
     (["--ema", "1"], r"--ema is 1.0, but should lie in \(0, 1\)"),
     (["--ema", "0"], r"--ema is 0.0, but should lie in \(0, 1\)"),
   ],

@@ -1,6 +1,7 @@
 """The chapter's one training loop: learning, determinism, loop drivers, padding, evaluation, NNX."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -242,11 +243,17 @@ def test_the_initialization_compiled_for_compile_time_gives_the_default_compilat
 
 
 @pytest.mark.slow
-def test_seeds_side_by_side_train_as_their_single_seed_runs(small):
+@pytest.mark.parametrize(
+  "seeds, devices", [([0, 3, 5], 1), ([0, 3], 2)], ids=["on one device", "split over two host devices"]
+)
+def test_seeds_side_by_side_train_as_their_single_seed_runs(small, monkeypatch, request, seeds, devices):
+  monkeypatch.setattr(train, "usable_cores", lambda: 2)  # (this process has 4 host devices: conftest.py)
+  train.replica_mesh.cache_clear()
+  request.addfinalizer(train.replica_mesh.cache_clear)  # (the next test's cores are the machine's)
   model = LeNet()
   init = lambda key: init_lenet(model, key)  # noqa: E731
-  seeds = [0, 3, 5]
   variables, keys = train.init_run(init, seeds)
+  assert len(keys.sharding.device_set) == devices
   stacked = jax.tree.map(jnp.copy, variables)  # (the loop donates its state)
   many = train.create_train_state(train.linen_apply(model), stacked, 0.5, ema_decay=0.9, replicated=True)
   many, many_m = train.train_epoch(many, small[0], keys, 96, epoch=0, scan_chunk=3, replicated=True)
@@ -266,6 +273,36 @@ def test_seeds_side_by_side_train_as_their_single_seed_runs(small):
       [many_train["loss"][i], many_train["acc"][i], many_test["loss"][i], many_test["acc"][i]],
       [train.summarize(m)["loss"], train.summarize(m)["acc"], test["loss"], test["acc"]],
     )
+  assert len(jax.tree.leaves(many.params)[0].sharding.device_set) == devices  # (trained where they were put)
+
+
+@pytest.mark.parametrize(
+  "replicas, devices, cores, split",
+  [(8, 4, 2, 2), (3, 4, 2, 1), (6, 8, 4, 3), (8, 8, 16, 8), (8, 1, 16, 1), (5, 8, 4, 1), (2, 4, 1, 1)],
+)
+def test_seeds_split_evenly_over_at_most_one_host_device_per_core(monkeypatch, replicas, devices, cores, split):
+  monkeypatch.setattr(train, "usable_cores", lambda: cores)
+  assert train.replica_devices(replicas, devices) == split
+
+
+@pytest.mark.parametrize(
+  "flags, devices", [("", "split"), ("--xla_force_host_platform_device_count=3", 3)], ids=["unset", "chosen"]
+)
+def test_the_seeds_ask_for_host_devices_before_jax_starts_unless_the_user_chose_them(flags, devices):
+  import subprocess
+  import sys
+
+  from tests.helpers import ROOT
+
+  code = (
+    "from experiments.lenet_fmnist import train; train.request_host_devices(4); import jax; "
+    "print(len(jax.devices('cpu')), train.replica_devices(4, train.usable_cores()))"
+  )
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  count, split = map(int, done.stdout.split())
+  assert count == (split if devices == "split" else devices)  # (one core: one device, JAX's default)
 
 
 def test_the_weight_average_is_the_plain_mean_until_its_window_fills_then_an_ema():
