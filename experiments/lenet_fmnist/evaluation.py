@@ -6,6 +6,7 @@ applies it after every epoch, with :func:`precise_stats` recomputing the statist
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -46,21 +47,34 @@ def precise_stats(apply, variables, images, num_batches: int, batch_size: int, s
   ``apply`` is the (one-device) model's apply function on uint8 images; pass the same one every epoch,
   so that the compiled program is reused. ``images`` are the host's; every process computes the same.
   With ``seeds`` > 1, ``variables`` and ``shuffle_key`` hold that many replicas: each gets its own
-  statistics, exactly as its single-seed run (stacked again).
+  statistics, from its own batches, in one program over the replicas (as the training steps run them).
   """
-  if seeds > 1:
-    each = [
-      precise_stats(apply, train.replica(variables, i), images, num_batches, batch_size, shuffle_key[i], epoch)
-      for i in range(seeds)
-    ]
-    return jax.tree.map(lambda *a: np.stack(a), *each)
-
   check_one_full_batch(images.shape[0], batch_size)
-  count = min(num_batches * batch_size, images.shape[0]) // batch_size * batch_size
-  # A different stream from the epoch's shuffle (fold_in of a second index), fixed per epoch: reproducible.
-  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
-  batches = np.asarray(images)[np.asarray(perm[:count])].reshape(-1, batch_size, *images.shape[1:])
+  if seeds > 1:
+    batches = np.stack([precise_sample(images, num_batches, batch_size, shuffle_key[i], epoch) for i in range(seeds)])
+    return _replicas_stats(apply)(variables, batches)
+  batches = precise_sample(images, num_batches, batch_size, shuffle_key, epoch)
   return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
+
+
+def precise_sample(images, num_batches: int, batch_size: int, shuffle_key, epoch: int) -> np.ndarray:
+  """Precise BN's batches for an epoch, ``(batches, batch_size, ...)``: whole batches of ``images`` in an order
+  drawn from the run's shuffle key, a different stream from the epoch's shuffle (``fold_in`` of a second index)
+  and fixed per epoch: reproducible."""
+  count = min(num_batches * batch_size, images.shape[0]) // batch_size * batch_size
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
+  return np.asarray(images)[np.asarray(perm[:count])].reshape(-1, batch_size, *images.shape[1:])
+
+
+@functools.cache
+def _replicas_stats(apply):
+  """Precise BN of every replica in one compiled program (``train.over_replicas``: on CPU one replica after the
+  other on each of the seeds' host devices, side by side on an accelerator)."""
+
+  def one(variables, batches):
+    return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
+
+  return jax.jit(train.over_replicas(one, True, (0, 0)))
 
 
 def state_to_evaluate(

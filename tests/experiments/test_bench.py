@@ -25,6 +25,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path):
   assert all(r["examples_per_sec"] > 0 and r["ratio_to_torch_nn_bn"] > 0 for r in result["model"])
   assert [r.get("seeds") for r in result["model"]] == [None, None, None, 2, None, None]
   assert result["model"][3]["time_vs_one_seed"] > 0
+  assert result["model"][1]["ours_over_this"] > 0 and result["model"][2]["this_over_linen"] > 0  # per-round medians
   mesh = train.replica_mesh(2)  # on CPU, the host devices the seeds were split over
   assert result["model"][3]["devices"] == (1 if mesh is None else mesh.size)
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
