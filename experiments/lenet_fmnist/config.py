@@ -104,8 +104,9 @@ class RunConfig:
     group="training",
     default=None,
     metavar="SPEC",
-    help="train several seeds side by side in one program (jax.vmap; on CPU split over host devices, one per "
-    "core), e.g. 0-7 or 0,3,5: files per seed and a summary (mean, std, min) across them (default: one seed, --seed)",
+    help="train several seeds side by side in one program (on CPU split over host devices, one per core; jax.vmap "
+    "on accelerators), e.g. 0-7 or 0,3,5: files per seed and a summary (mean, std, min) across them (default: one "
+    "seed, --seed)",
   )
   ema: float | None = setting(
     identity=8,  # (the variant's decay: ours-ema's default when not given)

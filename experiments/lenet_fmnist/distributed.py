@@ -178,6 +178,8 @@ def barrier(name: str) -> None:
 
 def setup_devices(config: RunConfig):
   """Joins the other processes and builds the mesh; None for the one-device path. Errors before any work."""
+  from experiments.lenet_fmnist import train
+
   if config.num_processes > 1:
     try:
       if config.distributed != "auto":  # (auto joined first of all: distributed.join_from_environment)
@@ -190,6 +192,8 @@ def setup_devices(config: RunConfig):
       os.dup2(devnull, sys.stdout.fileno())
       os.close(devnull)
   devices = jax.local_device_count() if config.devices is None else config.devices
+  if config.devices is None and train.devices_requested():  # (host devices an earlier --seeds run asked for)
+    devices = 1
   if len(config.seeds) > 1:  # replicas in one program, no data-parallel mesh (the flags allow nothing else)
     devices = 1
   if config.num_processes == 1 and devices == 1 and config.bn_group_size is None:

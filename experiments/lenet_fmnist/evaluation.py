@@ -10,6 +10,7 @@ import functools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bnjax import precise_batch_stats, sync
@@ -50,31 +51,36 @@ def precise_stats(apply, variables, images, num_batches: int, batch_size: int, s
   statistics, from its own batches, in one program over the replicas (as the training steps run them).
   """
   check_one_full_batch(images.shape[0], batch_size)
-  if seeds > 1:
-    batches = np.stack([precise_sample(images, num_batches, batch_size, shuffle_key[i], epoch) for i in range(seeds)])
-    return _replicas_stats(apply)(variables, batches)
-  batches = precise_sample(images, num_batches, batch_size, shuffle_key, epoch)
+  if seeds > 1:  # (the examples' indices per seed: the program gathers the batches, the host holds one set of images)
+    picks = np.stack(
+      [precise_picks(images.shape[0], num_batches, batch_size, shuffle_key[i], epoch) for i in range(seeds)]
+    )
+    return _replicas_stats(apply, batch_size)(variables, np.asarray(images), picks)
+  batches = np.asarray(images)[precise_picks(images.shape[0], num_batches, batch_size, shuffle_key, epoch)]
+  batches = batches.reshape(-1, batch_size, *images.shape[1:])
   return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
 
 
-def precise_sample(images, num_batches: int, batch_size: int, shuffle_key, epoch: int) -> np.ndarray:
-  """Precise BN's batches for an epoch, ``(batches, batch_size, ...)``: whole batches of ``images`` in an order
-  drawn from the run's shuffle key, a different stream from the epoch's shuffle (``fold_in`` of a second index)
-  and fixed per epoch: reproducible."""
-  count = min(num_batches * batch_size, images.shape[0]) // batch_size * batch_size
-  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), images.shape[0])
-  return np.asarray(images)[np.asarray(perm[:count])].reshape(-1, batch_size, *images.shape[1:])
+def precise_picks(num: int, num_batches: int, batch_size: int, shuffle_key, epoch: int) -> np.ndarray:
+  """The indices of precise BN's examples for an epoch, whole batches of them: an order of the ``num`` training
+  examples drawn from the run's shuffle key, a different stream from the epoch's shuffle (``fold_in`` of a second
+  index) and fixed per epoch: reproducible."""
+  count = min(num_batches * batch_size, num) // batch_size * batch_size
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(shuffle_key, epoch), 1), num)
+  return np.asarray(perm[:count])
 
 
-@functools.cache
-def _replicas_stats(apply):
-  """Precise BN of every replica in one compiled program (``train.over_replicas``: on CPU one replica after the
-  other on each of the seeds' host devices, side by side on an accelerator)."""
+@functools.lru_cache(maxsize=8)
+def _replicas_stats(apply, batch_size: int):
+  """Precise BN of every replica in one compiled program, each from its own examples of the images (``picks``:
+  indices per replica), gathered inside it (``train.over_replicas``: on CPU one replica after the other on each
+  of the seeds' host devices, side by side on an accelerator)."""
 
-  def one(variables, batches):
+  def one(variables, images, picks):
+    batches = jnp.take(images, picks, axis=0).reshape(-1, batch_size, *images.shape[1:])
     return precise_batch_stats(apply, variables, batches, model_kwargs={"train": True})["batch_stats"]
 
-  return jax.jit(train.over_replicas(one, True, (0, 0)))
+  return jax.jit(train.over_replicas(one, True, (0, None, 0)))
 
 
 def state_to_evaluate(

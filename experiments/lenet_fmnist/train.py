@@ -312,13 +312,24 @@ def request_host_devices(replicas: int) -> None:
   On a 2-core CPU, 8 LeNet seeds trained in 5.3-5.7x one seed's time split over two host devices, against
   8.2-9.0x on one (one device's program keeps about 1.5 of the 2 cores busy)."""
   chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+  platforms = os.environ.get("JAX_PLATFORMS", "")
   count = replica_devices(replicas, usable_cores())
-  if chosen or jax.config.jax_num_cpu_devices >= 0 or count < 2:
+  if chosen or jax.config.jax_num_cpu_devices >= 0 or count < 2 or (platforms and "cpu" not in platforms.split(",")):
     return
   try:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError:  # the backends have started
-    pass
+    return
+  _REQUESTED.append(count)
+
+
+_REQUESTED: list[int] = []  # host devices request_host_devices asked JAX for (at most once: the backend starts once)
+
+
+def devices_requested() -> bool:
+  """Whether this process's host devices are the ones :func:`request_host_devices` asked for, not the user's: a
+  later run in the same process (a notebook) does not take them for devices to train one seed on."""
+  return bool(_REQUESTED)
 
 
 @functools.cache
@@ -417,8 +428,11 @@ def over_replicas(fn: Callable, replicated: bool, in_axes) -> Callable:
   if jax.default_backend() != "cpu":
     return jax.vmap(fn, in_axes=in_axes)
 
+  def axes_of(args):
+    return in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+
   def sequential(*args):
-    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+    axes = axes_of(args)
 
     def one(mapped):
       rows = iter(mapped)
@@ -427,7 +441,7 @@ def over_replicas(fn: Callable, replicated: bool, in_axes) -> Callable:
     return jax.lax.map(one, [a for a, axis in zip(args, axes, strict=True) if axis == 0])
 
   def split(*args):
-    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+    axes = axes_of(args)
     mapped = [a for a, axis in zip(args, axes, strict=True) if axis == 0]
     mesh = replica_mesh(jax.tree.leaves(mapped)[0].shape[0])
     if mesh is None:
@@ -643,7 +657,8 @@ def compile_ahead(
   (initialization, training the first chunks while the evaluation's program still compiles).
 
   ``state`` may be abstract (``jax.eval_shape`` of the state-making function): nothing is computed. One
-  device only (a mesh's programs compile on first use). ``store``: programs found in it are loaded instead
+  device, or the host devices several seeds are split over (a data-parallel mesh's programs compile on first
+  use). ``store``: programs found in it are loaded instead
   of traced and compiled, and the others are saved to it (its context must name the state's model).
   """
 
@@ -706,7 +721,9 @@ def eval_batch(images: jax.Array, labels: jax.Array, i, batch_size: int):
 
 def check_replicas(mesh: Mesh | None, replicated: bool) -> None:
   if replicated and mesh is not None:
-    raise ValueError("`replicated` (several seeds side by side) runs on one device; pass `mesh=None`.")
+    raise ValueError(
+      "`replicated` (several seeds side by side) does not combine with a data-parallel mesh; pass `mesh=None`."
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "mesh", "replicated"))

@@ -68,7 +68,7 @@ class Variant(NamedTuple):
   ema: float  # the decay of the weights' moving average evaluated (0: the weights themselves)
   label: str  # report.label
   identity: dict  # checkpoint.run_config: what --resume compares
-  programs: Any  # programs.ProgramStore of its compiled programs on one device, or None (see make_variant)
+  programs: Any  # programs.ProgramStore of its compiled programs without a data-parallel mesh, or None (make_variant)
 
 
 def build_model(norm: str, config: RunConfig, axis_name: str | None) -> Model:
@@ -107,8 +107,8 @@ def make_variant(norm: str, run: Run, out: Path, build: Callable = build_model) 
   identity = run_config(
     config, bn=norm, precise_bn=precise, ema=ema, data=run.fingerprint, bn_group_examples=group_examples
   )
-  # Compiled programs are stored for this experiment's own model on one device, whose settings name them; a model
-  # from another `build` may differ in ways these settings do not say, so its programs are traced every run.
+  # Compiled programs are stored for this experiment's own model off a data-parallel mesh, named by its settings; a
+  # model from another `build` may differ in ways these settings do not say, so its programs are traced every run.
   settings = dict(norm=norm, api=config.api, conv_impl=config.conv_impl, precision=config.precision, lr=config.lr)
   stored = build is build_model and mesh is None
   programs = program_store(config, repr(sorted({**settings, "ema": ema}.items()))) if stored else None
@@ -124,8 +124,9 @@ def clear_run_files(out: Path) -> None:
 
 
 def compile_ahead(state, variant: Variant, run: Run, then: Callable[[], Any] | None = None) -> None:
-  """One device: the epoch's and the evaluation's programs are queued for compilation, in the order the run
-  needs them (``state`` may be shapes); ``then`` as :func:`train.compile_ahead` has it (called in any case)."""
+  """Without a data-parallel mesh: the epoch's and the evaluation's programs are queued for compilation, in the
+  order the run needs them (``state`` may be shapes); ``then`` as :func:`train.compile_ahead` has it (called in
+  any case)."""
   if run.mesh is None:
     train_data, test_data = run.data
     config = run.config

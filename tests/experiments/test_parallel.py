@@ -404,3 +404,17 @@ def test_distributed_auto_outside_a_cluster_job_is_one_error_line(five_step_data
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
   assert "error: --distributed auto found no SLURM, Open MPI or Cloud TPU job" in result.stderr
   assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("requested", [False, True], ids=["the user's devices", "devices --seeds asked for"])
+def test_a_run_trains_data_parallel_on_the_users_devices_not_on_those_an_earlier_seeds_run_asked_for(
+  monkeypatch, requested
+):
+  from experiments.lenet_fmnist.config import RunConfig
+  from experiments.lenet_fmnist.distributed import setup_devices
+
+  # (conftest.py gives this process 4 host devices; a notebook's earlier --seeds run may have asked for them)
+  monkeypatch.setattr(train, "_REQUESTED", [4] if requested else [])
+  mesh = setup_devices(RunConfig(seeds=[0], seed=0, batch_size=256))
+  assert (mesh is None) == requested  # one device, as the chapter's run; else data parallel on all of them
+  assert requested or mesh.size == jax.local_device_count()

@@ -328,7 +328,7 @@ def test_several_seeds_do_not_combine_with_a_mesh(small):
 
   state = new_state(LeNet(), jax.random.key(0), 0.1)
   mesh = sync.make_mesh(2, devices=CPU_DEVICES[:2])
-  with pytest.raises(ValueError, match=r"`replicated` .* runs on one device; pass `mesh=None`"):
+  with pytest.raises(ValueError, match=r"`replicated` .* does not combine with a data-parallel mesh; pass `mesh=None`"):
     train.evaluate(state, small[1], mesh=mesh, replicated=True)
 
 
