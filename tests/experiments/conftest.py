@@ -18,3 +18,18 @@ def release_programs_compiled_ahead():
   from experiments.lenet_fmnist import train
 
   train.clear_compiled_ahead()
+
+
+@pytest.fixture
+def pin_cores(monkeypatch):
+  """``pin_cores(n)``: the training loop sees ``n`` usable cores (this process has 4 host devices: tests/conftest.py),
+  so that the seeds split over as many host devices as on an ``n``-core machine; the host device meshes made under
+  the pin are forgotten before and after."""
+  from experiments.lenet_fmnist import train
+
+  def pin(n):
+    monkeypatch.setattr(train, "usable_cores", lambda: n)
+    train.replica_mesh.cache_clear()
+
+  yield pin
+  train.replica_mesh.cache_clear()

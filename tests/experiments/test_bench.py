@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 
 from experiments import bench
-from experiments.lenet_fmnist import train
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path, monkeypatch, request):
-  monkeypatch.setattr(train, "usable_cores", lambda: 2)  # (this process has 4 host devices: conftest.py)
-  train.replica_mesh.cache_clear()
-  request.addfinalizer(train.replica_mesh.cache_clear)
+def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path, pin_cores):
+  pin_cores(2)
   result = bench.main(["--quick", "--steps", "2", "--out", str(tmp_path / "bench.json")])
   names = [r["name"] for r in result["model"]]
   assert names == [

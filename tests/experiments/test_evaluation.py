@@ -24,11 +24,9 @@ def images(tmp_path_factory):
   ids=["one after the other on one device", "split over two host devices", "side by side (vmap), as on a GPU"],
 )
 def test_precise_bn_of_several_seeds_in_one_program_gives_each_seed_its_own_statistics(
-  images, monkeypatch, request, backend, cores, devices
+  images, monkeypatch, pin_cores, backend, cores, devices
 ):
-  monkeypatch.setattr(train, "usable_cores", lambda: cores)  # (this process has 4 host devices: conftest.py)
-  train.replica_mesh.cache_clear()
-  request.addfinalizer(train.replica_mesh.cache_clear)
+  pin_cores(cores)
   model = build_model("ours", RunConfig(), None)  # (a model of its own: its compiled programs are traced here)
   seeds = [0, 5]
   variables, keys = train.init_run(model.init, seeds)

@@ -246,10 +246,8 @@ def test_the_initialization_compiled_for_compile_time_gives_the_default_compilat
 @pytest.mark.parametrize(
   "seeds, devices", [([0, 3, 5], 1), ([0, 3], 2)], ids=["on one device", "split over two host devices"]
 )
-def test_seeds_side_by_side_train_as_their_single_seed_runs(small, monkeypatch, request, seeds, devices):
-  monkeypatch.setattr(train, "usable_cores", lambda: 2)  # (this process has 4 host devices: conftest.py)
-  train.replica_mesh.cache_clear()
-  request.addfinalizer(train.replica_mesh.cache_clear)  # (the next test's cores are the machine's)
+def test_seeds_side_by_side_train_as_their_single_seed_runs(small, pin_cores, seeds, devices):
+  pin_cores(2)
   model = LeNet()
   init = lambda key: init_lenet(model, key)  # noqa: E731
   variables, keys = train.init_run(init, seeds)
@@ -280,8 +278,8 @@ def test_seeds_side_by_side_train_as_their_single_seed_runs(small, monkeypatch, 
   "replicas, devices, cores, split",
   [(8, 4, 2, 2), (3, 4, 2, 1), (6, 8, 4, 3), (8, 8, 16, 8), (8, 1, 16, 1), (5, 8, 4, 1), (2, 4, 1, 1)],
 )
-def test_seeds_split_evenly_over_at_most_one_host_device_per_core(monkeypatch, replicas, devices, cores, split):
-  monkeypatch.setattr(train, "usable_cores", lambda: cores)
+def test_seeds_split_evenly_over_at_most_one_host_device_per_core(pin_cores, replicas, devices, cores, split):
+  pin_cores(cores)
   assert train.replica_devices(replicas, devices) == split
 
 
