@@ -25,8 +25,8 @@ same images, round-robin repeats.
 
 Op section: forward + backward of one batch-norm layer in training mode, with the bytes a fused
 implementation must move (read x, write y; read x and dy, write dx: 5 x the tensor) and the achieved
-GB/s; the implementations take turns (round-robin repeats of about 50 ms each, in a random order), and each
-one's time over Flax's is the median of the per-repeat ratios.
+GB/s. bnjax's and Flax's blocks of calls (about 10 ms each) alternate, and bnjax's time over Flax's is the median
+of the per-round ratios; PyTorch's blocks run after every JAX block, its time over Flax's a ratio of medians.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -207,17 +208,48 @@ def _torch_op_runner(torch, x, dy) -> Callable[[int], None]:
   return run
 
 
-def bench_op_shape(torch, shape, repeats: int, seconds_per_repeat: float = 0.05) -> list[dict]:
-  """Forward + backward of each batch-norm implementation at one NHWC (or (N, C)) shape: round-robin repeats of
-  as many calls as take about ``seconds_per_repeat``, the median per call, and each one's time over Flax's
-  (the median of the per-repeat ratios: one implementation against the other in the same moment)."""
-  import flax.linen as nn
+def alternating(first: Callable[[], Any], second: Callable[[], Any], rounds: int) -> tuple[list[float], list[float]]:
+  """The seconds of every call of ``first`` and ``second`` over ``rounds`` rounds, each round calling both, the
+  one that goes first taking turns: two implementations timed in the same moment, nothing else between them."""
+  times: tuple[list[float], list[float]] = ([], [])
+  for i in range(rounds):
+    for j in (0, 1) if i % 2 == 0 else (1, 0):
+      t0 = time.perf_counter()
+      (first, second)[j]()
+      times[j].append(time.perf_counter() - t0)
+  return times
 
+
+def _op_inputs(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """``(x, dy, scale, bias)`` of the op section at one shape: x with mean 1 and std 2, dy standard normal."""
   rng = np.random.default_rng(0)
   c = shape[-1]
   x = (1.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
   dy = rng.standard_normal(shape).astype(np.float32)
-  scale, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+  return x, dy, np.ones(c, np.float32), np.zeros(c, np.float32)
+
+
+def _op_row(shape, impl: str, seconds: list[float], vs_flax: float, calls: int) -> dict:
+  us = statistics.median(seconds) * 1e6
+  bytes_moved = 5 * math.prod(shape) * 4
+  return {
+    "shape": list(shape),
+    "impl": impl,
+    "us": us,
+    "vs_flax": vs_flax,
+    "calls_per_block": calls,
+    "bytes": bytes_moved,
+    "gb_per_s": bytes_moved / us / 1e3,
+  }
+
+
+def bench_op_shape(shape, rounds: int, seconds_per_block: float = 0.01) -> list[dict]:
+  """Forward + backward of bnjax's and Flax's batch norm at one NHWC (or (N, C)) shape, per call: the median of
+  blocks of as many calls as take about ``seconds_per_block``, the two implementations' blocks alternating over
+  ``rounds`` rounds; bnjax's time over Flax's is the median of the per-round ratios."""
+  import flax.linen as nn
+
+  x, dy, scale, bias = _op_inputs(shape)
 
   def ours(x, scale, bias, stats):
     return batch_norm(x, scale, bias, stats, use_running_average=False, momentum=0.9)
@@ -229,30 +261,26 @@ def bench_op_shape(torch, shape, repeats: int, seconds_per_repeat: float = 0.05)
     return y, upd["batch_stats"]
 
   flax_stats = flax_bn.init(jax.random.key(0), x[:2])["batch_stats"]
-  runners = {
-    "bnjax.batch_norm": _jax_op_runner(ours, x, scale, bias, dy, init_batch_stats(c)),
-    "flax.linen.BatchNorm": _jax_op_runner(theirs, x, scale, bias, dy, flax_stats),
-  }
-  if torch is not None:
-    runners["torch F.batch_norm (NCHW)"] = _torch_op_runner(torch, x, dy)
-  one = _median_time(lambda: runners["flax.linen.BatchNorm"](1), 3)[0]
-  inner = max(1, min(1000, round(seconds_per_repeat / max(one, 1e-9))))
-  calls = {name: functools.partial(run, inner) for name, run in runners.items()}
-  times = {name: [t / inner for t in ts] for name, ts in round_robin(calls, repeats).items()}
-  flax_times = times["flax.linen.BatchNorm"]
-  bytes_moved = 5 * x.size * 4
+  ours_run = _jax_op_runner(ours, x, scale, bias, dy, init_batch_stats(shape[-1]))
+  flax_run = _jax_op_runner(theirs, x, scale, bias, dy, flax_stats)
+  one = _median_time(lambda: flax_run(1), 3)[0]
+  calls = max(1, min(1000, round(seconds_per_block / max(one, 1e-9))))
+  ours_t, flax_t = alternating(functools.partial(ours_run, calls), functools.partial(flax_run, calls), rounds)
+  ours_t, flax_t = [t / calls for t in ours_t], [t / calls for t in flax_t]
+  vs_flax = statistics.median(a / b for a, b in zip(ours_t, flax_t, strict=True))
   return [
-    {
-      "shape": list(shape),
-      "impl": name,
-      "us": statistics.median(t) * 1e6,
-      "vs_flax": statistics.median(a / b for a, b in zip(t, flax_times, strict=True)),
-      "calls_per_repeat": inner,
-      "bytes": bytes_moved,
-      "gb_per_s": bytes_moved / statistics.median(t) / 1e9,
-    }
-    for name, t in times.items()
+    _op_row(shape, "bnjax.batch_norm", ours_t, vs_flax, calls),
+    _op_row(shape, "flax.linen.BatchNorm", flax_t, 1.0, calls),
   ]
+
+
+def bench_torch_op_shape(torch, shape, flax_us: float, rounds: int, calls: int) -> dict:
+  """PyTorch's ``F.batch_norm`` forward + backward at one shape (NCHW, as the chapter's tensors), blocks of
+  ``calls`` calls, its time over Flax's (``flax_us``, from :func:`bench_op_shape`) a ratio of medians."""
+  x, dy, _, _ = _op_inputs(shape)
+  run = functools.partial(_torch_op_runner(torch, x, dy), calls)
+  seconds = [_median_time(run, 1)[0] / calls for _ in range(rounds)]
+  return _op_row(shape, "torch F.batch_norm (NCHW)", seconds, statistics.median(seconds) * 1e6 / flax_us, calls)
 
 
 def bench_inference(images: np.ndarray, batch_size: int, repeats: int) -> dict:
@@ -607,18 +635,24 @@ def print_inference(inference: dict) -> None:
 
 
 def op_rows(args, torch) -> list[dict]:
-  """The op section: forward + backward of one BN layer per shape and implementation, printed."""
+  """The op section: forward + backward of one BN layer per shape and implementation, printed. Every shape's
+  JAX pair runs before any PyTorch call: PyTorch's threads spin a while after each call and slow whatever runs
+  next (a JAX block right after one by up to 20%)."""
   shapes = QUICK_OP_SHAPES if args.quick else OP_SHAPES
-  repeats = 3 if args.quick else 15
+  rounds = 4 if args.quick else 60
+  block = 0.002 if args.quick else 0.01
   print(
-    "\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32); implementations round-robin,"
-    f" median of {repeats} repeats; x Flax: median of the per-repeat time ratios"
+    "\nBatch-norm op, training mode, forward + backward (bytes = 5 x tensor, float32); per call, median of"
+    f" {rounds} blocks of about {block * 1e3:g} ms; bnjax's and Flax's blocks alternate, x Flax: median of the"
+    " per-round ratios; PyTorch's after every JAX block, x Flax: ratio of medians"
   )
-  rows = [
-    row
-    for shape in shapes
-    for row in bench_op_shape(torch, shape, repeats=repeats, seconds_per_repeat=0.005 if args.quick else 0.05)
-  ]
+  pairs = [bench_op_shape(shape, rounds, block) for shape in shapes]
+  rows = []
+  for shape, pair in zip(shapes, pairs, strict=True):
+    rows += pair
+    if torch is not None:
+      flax_row = pair[1]
+      rows.append(bench_torch_op_shape(torch, shape, flax_row["us"], rounds, flax_row["calls_per_block"]))
   print(f"{'shape':22s} {'implementation':28s} {'us':>10s} {'x Flax':>7s} {'MB moved':>9s} {'GB/s':>7s}")
   for r in rows:
     shape = "x".join(map(str, r["shape"]))

@@ -101,3 +101,11 @@ def test_the_end_to_end_benchmark_times_whole_processes_and_derives_fixed_costs(
   assert len({c[c.index("--compile-cache") + 1] for c in cold}) == len(cold)  # an empty cache for every cold run
   assert len(launched) == 3 * 2 + 3 * 3  # (1 warm-up + 2 rounds) x (2 main-job runs + 3 two-epoch runs)
   assert "fixed cost" in capsys.readouterr().out and (tmp_path / "e2e.json").exists()
+
+
+def test_two_implementations_alternate_which_goes_first_and_are_timed_per_round():
+  """The op section's pairing: one call of each per round, the one that goes first taking turns."""
+  order = []
+  first, second = bench.alternating(lambda: order.append("a"), lambda: order.append("b"), rounds=3)
+  assert order == ["a", "b", "b", "a", "a", "b"]
+  assert len(first) == len(second) == 3 and all(t >= 0 for t in first + second)
