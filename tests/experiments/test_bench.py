@@ -28,7 +28,7 @@ def test_quick_benchmark_runs_every_row_and_reports_ratios(capsys, tmp_path, pin
   assert result["model"][1]["ours_over_this"] > 0 and result["model"][2]["this_over_linen"] > 0  # per-round medians
   assert result["model"][3]["devices"] == 2  # the seeds split over two host devices, as --seeds on 2 cores
   assert {r["impl"] for r in result["ops"]} == {"bnjax.batch_norm", "flax.linen.BatchNorm", "torch F.batch_norm (NCHW)"}
-  assert all(r["gb_per_s"] > 0 and r["vs_flax"] > 0 for r in result["ops"])
+  assert all(r["gb_per_s"] > 0 and r["vs_flax"] > 0 and r["calls_per_block"] >= 1 for r in result["ops"])
   assert {r["vs_flax"] for r in result["ops"] if r["impl"] == "flax.linen.BatchNorm"} == {1.0}
   assert [r["name"] for r in result["inference"]["rows"]] == [
     "LeNet + bnjax.BatchNorm, eval mode",
@@ -103,9 +103,19 @@ def test_the_end_to_end_benchmark_times_whole_processes_and_derives_fixed_costs(
   assert "fixed cost" in capsys.readouterr().out and (tmp_path / "e2e.json").exists()
 
 
-def test_two_implementations_alternate_which_goes_first_and_are_timed_per_round():
-  """The op section's pairing: one call of each per round, the one that goes first taking turns."""
-  order = []
-  first, second = bench.alternating(lambda: order.append("a"), lambda: order.append("b"), rounds=3)
+def test_two_implementations_alternate_which_goes_first_and_are_timed_per_round(monkeypatch):
+  """The op section's pairing: one call of each per round, the one that goes first taking turns, each call's
+  seconds filed under its own implementation."""
+  clock, order = [0.0], []
+
+  def call(name, seconds):
+    def run():
+      order.append(name)
+      clock[0] += seconds
+
+    return run
+
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+  first, second = bench.alternating(call("a", 1.0), call("b", 3.0), rounds=3)
   assert order == ["a", "b", "b", "a", "a", "b"]
-  assert len(first) == len(second) == 3 and all(t >= 0 for t in first + second)
+  assert first == [1.0] * 3 and second == [3.0] * 3
