@@ -11,7 +11,8 @@ step around it needs is here:
   equivalent). Gradients and metrics are reduced over both axes.
 * :func:`average_over_groups`: running statistics averaged over the groups, so replicas stay equal.
 * :func:`replicate` / :func:`to_host`: host values in and out of mesh-replicated arrays (with several
-  processes too: each process passes identical values and reads its own copy).
+  processes too: each process passes identical values and reads its own copy; an array split over this
+  process's devices comes back whole).
 * :func:`count_all_reduces`: how many all-reduces a compiled step runs (one per BN layer forward).
 
 A complete step (``shard_map`` over this mesh, the gradient taken outside it) is the chapter's loop,
@@ -96,8 +97,15 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-  """Replicated arrays as NumPy, from this process's own copy (works with several processes)."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+  """Arrays as NumPy: whole where this process holds all of an array (one device, or replicated or split over
+  this process's devices), else, for an array replicated over several processes, from this process's own copy."""
+
+  def host(a):
+    if not isinstance(a, jax.Array):
+      return a
+    return np.asarray(a) if a.is_fully_addressable else np.asarray(a.addressable_data(0))
+
+  return jax.tree.map(host, tree)
 
 
 def count_all_reduces(step: Callable, *args, **kwargs) -> int:

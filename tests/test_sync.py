@@ -37,3 +37,10 @@ def test_replicate_and_back_to_the_host():
   tree = {"a": np.arange(3.0), "b": np.int32(7)}
   back = sync.to_host(sync.replicate(tree, mesh))
   np.testing.assert_equal(back, tree)
+
+
+def test_an_array_split_over_this_process_s_devices_comes_back_whole():
+  mesh = sync.make_mesh(2, devices=CPU_DEVICES)
+  split = jax.device_put(np.arange(6.0).reshape(2, 3), jax.sharding.NamedSharding(mesh, P(sync.DATA)))
+  assert len(split.addressable_shards) == 2
+  np.testing.assert_equal(sync.to_host({"a": split})["a"], np.arange(6.0).reshape(2, 3))

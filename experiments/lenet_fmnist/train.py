@@ -280,16 +280,9 @@ def add_metrics(a: Metrics, b: Metrics) -> Metrics:
 
 def summarize(metrics: Metrics) -> dict:
   """Host-side averages: ``loss`` (mean per example) and ``acc``; floats, or lists of them per replica."""
-  m = to_host(metrics)
+  m = sync.to_host(metrics)
   count = np.maximum(m["count"].astype(np.int64), 1)
   return {"loss": (m["loss_sum"].astype(np.float64) / count).tolist(), "acc": (m["correct"] / count).tolist()}
-
-
-def to_host(tree):
-  """The loop's arrays as NumPy: whole where this process holds all of them (one device, or the seeds' host
-  devices), else this process's copy of arrays replicated over a mesh of several processes (``sync.to_host``)."""
-  whole = all(a.is_fully_addressable for a in jax.tree.leaves(tree) if isinstance(a, jax.Array))
-  return jax.device_get(tree) if whole else sync.to_host(tree)
 
 
 def replica(tree, i: int):

@@ -264,7 +264,7 @@ def epoch_row(
     "test_acc": test["acc"],
     "train_seconds": seconds,
     "eval_seconds": eval_seconds,
-    "examples_per_sec": int(train.to_host(metrics)["count"].sum()) / seconds,  # (all seeds' examples)
+    "examples_per_sec": int(sync.to_host(metrics)["count"].sum()) / seconds,  # (all seeds' examples)
     "precise_bn_seconds": precise_seconds,
     **({"seeds": seeds} if len(seeds) > 1 else {}),
   }
